@@ -1,0 +1,414 @@
+"""The datastore's embedded SQLite index: images, label versions per tag, image info, metadata.
+
+One database file (WAL mode) is shared by the server, a training subprocess and a scoring
+subprocess. Each thread and each process gets its own connection; every write is one short
+``BEGIN IMMEDIATE`` transaction, so writers queue on SQLite's lock (``busy_timeout``) instead
+of failing, and readers never block writers.
+
+Tables:
+    meta      key/value pairs (name, description, root, metadata file signature)
+    images    one row per scan: split, paths, mask folder, metadata and info as JSON
+    labels    every label version ever stored (history); ``path`` NULL marks a removal
+    current   the live version per (image, tag); a row exists only when a label is live
+    imported  the consolidation cache of the PanTS per-structure masks (tag ``pants``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id        TEXT PRIMARY KEY,
+    split     TEXT NOT NULL,               -- train | test | flat | added
+    path      TEXT NOT NULL,               -- image file, '@root/...' or '@state/...'
+    mask_dir  TEXT,                        -- PanTS segmentations folder ('@root/...'), NULL if none
+    removed   INTEGER NOT NULL DEFAULT 0,  -- removed through the API; kept so refresh will not re-add
+    revealed  INTEGER NOT NULL DEFAULT 0,  -- imported masks revealed while hide_imported_labels is on
+    meta      TEXT,                        -- JSON of the metadata file's row
+    info      TEXT NOT NULL DEFAULT '{}',  -- JSON written by update_image_info (scores, strategy ts)
+    added_ts  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_split ON images (split, removed);
+CREATE TABLE IF NOT EXISTS labels (
+    image_id  TEXT NOT NULL,
+    tag       TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    path      TEXT,                        -- NULL: the label was removed at this version
+    origin    TEXT NOT NULL,               -- upload | import
+    ts        REAL NOT NULL,
+    info      TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (image_id, tag, version)
+);
+CREATE TABLE IF NOT EXISTS current (
+    image_id  TEXT NOT NULL,
+    tag       TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    PRIMARY KEY (image_id, tag)
+);
+CREATE INDEX IF NOT EXISTS current_tag ON current (tag, image_id);
+CREATE TABLE IF NOT EXISTS imported (
+    image_id  TEXT PRIMARY KEY,
+    signature TEXT,                        -- masks' names, sizes and mtimes when the cache was built
+    path      TEXT,                        -- consolidated cache file ('@state/...')
+    ts        REAL,
+    info      TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for numpy scalars/arrays that scores often are (``default=str`` would quote them)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default, separators=(",", ":"))
+
+
+def loads(text: str | None) -> dict[str, Any]:
+    return json.loads(text) if text else {}
+
+
+class Index:
+    """Connections and SQL for one index file.
+
+    Args:
+        path: the SQLite file (created with its schema when missing).
+        busy_timeout_s: how long a writer waits for another process's transaction.
+    """
+
+    def __init__(self, path: Path, busy_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._create_schema()
+
+    # ---- connections -------------------------------------------------------------------------
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (a new one after ``fork``: SQLite handles must not cross it)."""
+        c: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if c is None or getattr(self._local, "pid", None) != os.getpid():
+            c = sqlite3.connect(
+                str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            c.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            c.execute("PRAGMA journal_mode = WAL")
+            # NORMAL is safe with WAL (no corruption; at worst the last commit is lost on power cut);
+            # label files themselves are fsynced before their row is committed.
+            c.execute("PRAGMA synchronous = NORMAL")
+            c.execute("PRAGMA foreign_keys = OFF")
+            self._local.conn = c
+            self._local.pid = os.getpid()
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None and getattr(self._local, "pid", None) == os.getpid():
+            c.close()
+        self._local.conn = None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; ``IMMEDIATE`` takes the write lock up front (no upgrade deadlock)."""
+        c = self.conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: several SELECTs see one snapshot."""
+        c = self.conn()
+        c.execute("BEGIN")
+        try:
+            yield c
+        finally:
+            c.execute("COMMIT")
+
+    def _create_schema(self) -> None:
+        with self.write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: index schema version {version} is newer than this code ({SCHEMA_VERSION})"
+                )
+            schema = re.sub(r"--[^\n]*", "", _SCHEMA)  # comments may hold ';'
+            for stmt in schema.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # ---- meta --------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str, db: sqlite3.Connection | None = None) -> None:
+        sql = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        if db is not None:
+            db.execute(sql, (key, value))
+        else:
+            with self.write() as w:
+                w.execute(sql, (key, value))
+
+    # ---- images ------------------------------------------------------------------------------
+    def image_row(self, image_id: str) -> sqlite3.Row | tuple | None:
+        return (
+            self.conn()
+            .execute(
+                "SELECT id, split, path, mask_dir, removed, revealed, meta, info, added_ts FROM images WHERE id = ?",
+                (image_id,),
+            )
+            .fetchone()
+        )
+
+    def scan_state(self, splits: Sequence[str]) -> dict[str, tuple[str, str, str | None, int]]:
+        """``{id: (split, path, mask_dir, removed)}`` for the given splits (what refresh diffs against)."""
+        q = f"SELECT id, split, path, mask_dir, removed FROM images WHERE split IN ({_marks(splits)})"
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in self.conn().execute(q, tuple(splits))}
+
+    def image_ids(self, splits: Sequence[str]) -> list[str]:
+        q = f"SELECT id FROM images WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id"
+        return [r[0] for r in self.conn().execute(q, tuple(splits))]
+
+    def labeled_ids(
+        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, labeled: bool
+    ) -> list[str]:
+        """Images that have (``labeled``) or lack a live label under any of ``tags``.
+
+        The imported tag has no rows in ``current``: it is live when the image has a mask folder
+        and its masks are visible (not hidden, or revealed, or in the test split).
+        """
+        real = [t for t in tags if t != imported_tag]
+        conds = []
+        args: list[Any] = []
+        if real:
+            conds.append(
+                f"EXISTS (SELECT 1 FROM current c WHERE c.image_id = i.id AND c.tag IN ({_marks(real)}))"
+            )
+            args.extend(real)
+        if imported_tag in tags:
+            conds.append("(i.mask_dir IS NOT NULL AND (? = 0 OR i.revealed = 1 OR i.split = 'test'))")
+            args.append(int(hide_imported))
+        has = " OR ".join(conds) if conds else "0"
+        where = f"({has})" if labeled else f"NOT ({has})"
+        q = (
+            f"SELECT i.id FROM images i WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where} "
+            "ORDER BY i.id"
+        )
+        return [r[0] for r in self.conn().execute(q, (*splits, *args))]
+
+    def count_labeled(self, splits: Sequence[str], imported_tag: str, hide_imported: bool) -> dict[str, int]:
+        """Live labels per tag over the given splits (``status()``)."""
+        c = self.conn()
+        q = (
+            "SELECT c.tag, COUNT(*) FROM current c JOIN images i ON i.id = c.image_id "
+            f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) GROUP BY c.tag"
+        )
+        out = {tag: n for tag, n in c.execute(q, tuple(splits))}
+        q = (
+            "SELECT COUNT(*) FROM images i WHERE i.removed = 0 AND i.mask_dir IS NOT NULL "
+            f"AND (? = 0 OR i.revealed = 1 OR i.split = 'test') AND i.split IN ({_marks(splits)})"
+        )
+        n = c.execute(q, (int(hide_imported), *splits)).fetchone()[0]
+        if n:
+            out[imported_tag] = n
+        return out
+
+    def update_info(self, updates: dict[str, dict[str, Any]]) -> list[str]:
+        """Merge ``{id: info}`` into each image's info (top-level keys, like ``dict.update``).
+
+        Read-modify-write inside one IMMEDIATE transaction, so concurrent writers in other
+        processes never lose each other's keys. Returns the ids that do not exist.
+        """
+        missing = []
+        with self.write() as db:
+            for image_id, info in updates.items():
+                row = db.execute("SELECT info FROM images WHERE id = ?", (image_id,)).fetchone()
+                if row is None:
+                    missing.append(image_id)
+                    continue
+                merged = loads(row[0])
+                merged.update(info)
+                db.execute("UPDATE images SET info = ? WHERE id = ?", (dumps(merged), image_id))
+        return missing
+
+    # ---- labels ------------------------------------------------------------------------------
+    def current_label(self, image_id: str, tag: str) -> tuple | None:
+        """``(version, path, origin, ts, info)`` of the live label, or None."""
+        return (
+            self.conn()
+            .execute(
+                "SELECT l.version, l.path, l.origin, l.ts, l.info FROM current c JOIN labels l "
+                "ON l.image_id = c.image_id AND l.tag = c.tag AND l.version = c.version "
+                "WHERE c.image_id = ? AND c.tag = ?",
+                (image_id, tag),
+            )
+            .fetchone()
+        )
+
+    def current_tags(self, image_id: str) -> list[str]:
+        return [r[0] for r in self.conn().execute("SELECT tag FROM current WHERE image_id = ?", (image_id,))]
+
+    def label_versions(self, image_id: str, tag: str) -> list[tuple]:
+        return list(
+            self.conn().execute(
+                "SELECT version, path, origin, ts, info FROM labels WHERE image_id = ? AND tag = ? ORDER BY version",
+                (image_id, tag),
+            )
+        )
+
+    def next_version(self, db: sqlite3.Connection, image_id: str, tag: str) -> int:
+        """Inside a write transaction: the version number the next label of (image, tag) gets."""
+        row = db.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM labels WHERE image_id = ? AND tag = ?", (image_id, tag)
+        ).fetchone()
+        return int(row[0]) + 1
+
+    def insert_label(
+        self,
+        db: sqlite3.Connection,
+        image_id: str,
+        tag: str,
+        version: int,
+        path: str | None,
+        origin: str,
+        ts: float,
+        info: dict[str, Any],
+    ) -> None:
+        db.execute(
+            "INSERT INTO labels (image_id, tag, version, path, origin, ts, info) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (image_id, tag, version, path, origin, ts, dumps(info)),
+        )
+        if path is None:
+            db.execute("DELETE FROM current WHERE image_id = ? AND tag = ?", (image_id, tag))
+        else:
+            db.execute(
+                "INSERT INTO current (image_id, tag, version) VALUES (?, ?, ?) "
+                "ON CONFLICT(image_id, tag) DO UPDATE SET version = excluded.version",
+                (image_id, tag, version),
+            )
+
+    def update_label_info(self, image_id: str, tag: str, info: dict[str, Any]) -> bool:
+        with self.write() as db:
+            row = db.execute(
+                "SELECT l.version, l.info FROM current c JOIN labels l ON l.image_id = c.image_id "
+                "AND l.tag = c.tag AND l.version = c.version WHERE c.image_id = ? AND c.tag = ?",
+                (image_id, tag),
+            ).fetchone()
+            if row is None:
+                return False
+            merged = loads(row[1])
+            merged.update(info)
+            db.execute(
+                "UPDATE labels SET info = ? WHERE image_id = ? AND tag = ? AND version = ?",
+                (dumps(merged), image_id, tag, row[0]),
+            )
+        return True
+
+    def listing(self, splits: Sequence[str]) -> tuple[list[tuple], list[tuple]]:
+        """Every served image row and every live label (one snapshot) for ``json()``."""
+        with self.read() as db:
+            images = list(
+                db.execute(
+                    "SELECT id, split, path, mask_dir, removed, revealed, meta, info, added_ts FROM images "
+                    f"WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id",
+                    tuple(splits),
+                )
+            )
+            labels = list(
+                db.execute(
+                    "SELECT c.image_id, c.tag, l.version, l.ts, l.info FROM current c JOIN labels l "
+                    "ON l.image_id = c.image_id AND l.tag = c.tag AND l.version = c.version"
+                )
+            )
+        return images, labels
+
+    def info_values(self, key: str, splits: Sequence[str]) -> dict[str, Any]:
+        """``{id: info[key]}`` over served images, one query (strategies ranking 36k scans by a score)."""
+        q = (
+            "SELECT id, json_extract(info, ?) FROM images "
+            f"WHERE removed = 0 AND split IN ({_marks(splits)}) AND json_extract(info, ?) IS NOT NULL"
+        )
+        path = "$." + json.dumps(key)
+        out: dict[str, Any] = {}
+        for image_id, value in self.conn().execute(q, (path, *splits, path)):
+            out[image_id] = json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+        return out
+
+    # ---- imported (PanTS masks) cache ---------------------------------------------------------
+    def imported_row(self, image_id: str) -> tuple | None:
+        """``(signature, path, ts, info)`` or None."""
+        return (
+            self.conn()
+            .execute("SELECT signature, path, ts, info FROM imported WHERE image_id = ?", (image_id,))
+            .fetchone()
+        )
+
+    def set_imported_cache(self, image_id: str, signature: str, path: str, ts: float) -> None:
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO imported (image_id, signature, path, ts) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(image_id) DO UPDATE SET signature = excluded.signature, path = excluded.path, "
+                "ts = excluded.ts",
+                (image_id, signature, path, ts),
+            )
+
+    def update_imported_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with self.write() as db:
+            row = db.execute("SELECT info FROM imported WHERE image_id = ?", (image_id,)).fetchone()
+            merged = loads(row[0]) if row else {}
+            merged.update(info)
+            db.execute(
+                "INSERT INTO imported (image_id, info) VALUES (?, ?) "
+                "ON CONFLICT(image_id) DO UPDATE SET info = excluded.info",
+                (image_id, dumps(merged)),
+            )
+
+    def set_revealed(self, image_ids: Iterable[str], revealed: bool) -> int:
+        with self.write() as db:
+            cur = db.executemany(
+                "UPDATE images SET revealed = ? WHERE id = ?", ((int(revealed), i) for i in image_ids)
+            )
+            return cur.rowcount
+
+    def revealed_ids(self) -> list[str]:
+        return [r[0] for r in self.conn().execute("SELECT id FROM images WHERE revealed = 1 ORDER BY id")]
+
+
+def _marks(seq: Sequence[Any]) -> str:
+    if not seq:
+        return "NULL"  # `x IN (NULL)` matches nothing
+    return ", ".join("?" * len(seq))
+
+
+__all__ = ["Index", "dumps", "loads", "SCHEMA_VERSION"]

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS images (
     info      TEXT NOT NULL DEFAULT '{}',  -- JSON written by update_image_info (scores, strategy ts)
     added_ts  REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS images_split ON images (split, removed);
+-- covering index: the unlabeled/labeled queries never touch the (large) rows
+CREATE INDEX IF NOT EXISTS images_served ON images (split, removed, id, mask_dir, revealed);
 CREATE TABLE IF NOT EXISTS labels (
     image_id  TEXT NOT NULL,
     tag       TEXT NOT NULL,
@@ -200,10 +201,10 @@ class Index:
         q = f"SELECT id FROM images WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id"
         return [r[0] for r in self.conn().execute(q, tuple(splits))]
 
-    def labeled_ids(
-        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, labeled: bool
-    ) -> list[str]:
-        """Images that have (``labeled``) or lack a live label under any of ``tags``.
+    def _label_filter(
+        self, tags: Sequence[str], imported_tag: str, hide_imported: bool, labeled: bool
+    ) -> tuple[str, list[Any]]:
+        """SQL condition on ``images i``: has (``labeled``) or lacks a live label under any of ``tags``.
 
         The imported tag has no rows in ``current``: it is live when the image has a mask folder
         and its masks are visible (not hidden, or revealed, or in the test split).
@@ -220,12 +221,50 @@ class Index:
             conds.append("(i.mask_dir IS NOT NULL AND (? = 0 OR i.revealed = 1 OR i.split = 'test'))")
             args.append(int(hide_imported))
         has = " OR ".join(conds) if conds else "0"
-        where = f"({has})" if labeled else f"NOT ({has})"
+        return (f"({has})" if labeled else f"NOT ({has})"), args
+
+    def labeled_ids(
+        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, labeled: bool
+    ) -> list[str]:
+        """Ids of images in ``splits`` that have (``labeled``) or lack a live label under ``tags``."""
+        where, args = self._label_filter(tags, imported_tag, hide_imported, labeled)
         q = (
             f"SELECT i.id FROM images i WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where} "
             "ORDER BY i.id"
         )
         return [r[0] for r in self.conn().execute(q, (*splits, *args))]
+
+    def unlabeled_with_value(
+        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, json_path: str
+    ) -> list[tuple[str, Any]]:
+        """``[(id, info at json_path)]`` of unlabeled images, one query (next-sample strategies)."""
+        where, args = self._label_filter(tags, imported_tag, hide_imported, False)
+        q = (
+            "SELECT i.id, json_extract(i.info, ?) FROM images i "
+            f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
+        )
+        return list(self.conn().execute(q, (json_path, *splits, *args)))
+
+    def rowid_range(self) -> tuple[int, int] | None:
+        row = self.conn().execute("SELECT MIN(rowid), MAX(rowid) FROM images").fetchone()
+        return None if row[0] is None else (int(row[0]), int(row[1]))
+
+    def probe_unlabeled(
+        self,
+        rowid: int,
+        splits: Sequence[str],
+        tags: Sequence[str],
+        imported_tag: str,
+        hide_imported: bool,
+        json_path: str,
+    ) -> tuple[str, Any] | None:
+        """``(id, info at json_path)`` if the image at ``rowid`` is served and unlabeled, else None."""
+        where, args = self._label_filter(tags, imported_tag, hide_imported, False)
+        q = (
+            "SELECT i.id, json_extract(i.info, ?) FROM images i "
+            f"WHERE i.rowid = ? AND i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
+        )
+        return self.conn().execute(q, (json_path, rowid, *splits, *args)).fetchone()
 
     def count_labeled(self, splits: Sequence[str], imported_tag: str, hide_imported: bool) -> dict[str, int]:
         """Live labels per tag over the given splits (``status()``)."""
@@ -336,11 +375,11 @@ class Index:
         return True
 
     def listing(self, splits: Sequence[str]) -> tuple[list[tuple], list[tuple]]:
-        """Every served image row and every live label (one snapshot) for ``json()``."""
+        """Every served image row (without metadata) and every live label, one snapshot, for ``json()``."""
         with self.read() as db:
             images = list(
                 db.execute(
-                    "SELECT id, split, path, mask_dir, removed, revealed, meta, info, added_ts FROM images "
+                    "SELECT id, split, path, mask_dir, removed, revealed, NULL, info, added_ts FROM images "
                     f"WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id",
                     tuple(splits),
                 )

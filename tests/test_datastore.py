@@ -545,3 +545,12 @@ def test_concurrent_processes_lose_nothing(root: Path, tmp_path: Path) -> None:
     assert all(Path(v["path"]).is_file() for v in versions)
     info = ds.get_image_info(TRAIN[0])
     assert all(f"score_{w}_{k}" in info for w in range(3) for k in range(4))
+
+
+def test_bulk_image_info_has_metadata(root: Path) -> None:
+    ds = PanTSDatastore(root)
+    ds.update_image_info(TRAIN[1], {"score": 2})
+    infos = ds.get_images_info()
+    assert sorted(infos) == TRAIN
+    assert infos[TRAIN[1]]["score"] == 2 and infos[TRAIN[1]]["center"] == ds.get_image_info(TRAIN[1])["center"]
+    assert ds.get_images_info([TEST[0], "nope"]).keys() == {TEST[0]}

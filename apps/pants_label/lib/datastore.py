@@ -452,11 +452,11 @@ class PanTSDatastore(Datastore):
 
     def get_images_info(self, image_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Image info of many scans in one query (``None``: all served scans)."""
-        images, _ = self.index.listing(self.served_splits) if image_ids is None else ([], [])
-        if image_ids is not None:
-            rows = [self._row(i) for i in image_ids]
-            images = [r for r in rows if r is not None]
-        return {r[0]: self._compose_info(r) for r in images}
+        if image_ids is None:
+            rows = self.index.image_rows(self.served_splits)
+        else:
+            rows = [r for r in (self._row(i) for i in image_ids) if r is not None]
+        return {r[0]: self._compose_info(r) for r in rows}
 
     def image_info_values(self, key: str) -> dict[str, Any]:
         """``{id: info[key]}`` for served scans that have ``key`` (e.g. a score), one query."""
@@ -825,7 +825,7 @@ class PanTSDatastore(Datastore):
         per_split = dict(c.execute(q, splits).fetchall())
         return {
             "total": sum(per_split.values()),
-            "completed": len(self.get_labeled_images()),
+            "completed": self.index.count_labeled_ids(splits, TRAINING_TAGS, IMPORTED_TAG, self.hide_imported),
             "label_tags": self.index.count_labeled(splits, IMPORTED_TAG, self.hide_imported),
             "splits": per_split,
             "test_split": len(self.test_images()),

@@ -234,6 +234,23 @@ class Index:
         )
         return [r[0] for r in self.conn().execute(q, (*splits, *args))]
 
+    def count_labeled_ids(
+        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool
+    ) -> int:
+        where, args = self._label_filter(tags, imported_tag, hide_imported, True)
+        q = f"SELECT COUNT(*) FROM images i WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
+        return int(self.conn().execute(q, (*splits, *args)).fetchone()[0])
+
+    def image_rows(self, splits: Sequence[str]) -> list[tuple]:
+        """Full rows (with metadata) of the images in ``splits``."""
+        return list(
+            self.conn().execute(
+                "SELECT id, split, path, mask_dir, removed, revealed, meta, info, added_ts FROM images "
+                f"WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id",
+                tuple(splits),
+            )
+        )
+
     def unlabeled_with_value(
         self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, json_path: str
     ) -> list[tuple[str, Any]]:

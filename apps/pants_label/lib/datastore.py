@@ -28,7 +28,6 @@ label. With ``hide_imported_labels`` the ``pants`` labels of the served splits s
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import logging
@@ -50,7 +49,6 @@ from lib.config_errors import ConfigError
 from lib.datastore_index import Index, dumps, loads
 from lib.label_upload import (
     DatastoreError,
-    Geometry,
     atomic_write_nifti,
     bad_request,
     check_image_id,
@@ -934,5 +932,4 @@ __all__ = [
     "IMPORTED_TAG",
     "TRAINING_TAGS",
     "STATE_DIRNAME",
-    "Geometry",
 ]

@@ -12,10 +12,8 @@ without either, already a canonical id ``1..N`` of the label map.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
-import tempfile
 import uuid
 import zlib
 from collections.abc import Mapping, Sequence

@@ -34,6 +34,7 @@ LM = load_labelmap()
 SHAPE = (32, 32, 24)
 TRAIN = ["PanTS_00000001", "PanTS_00000002", "PanTS_00000003"]
 TEST = ["PanTS_00000004"]
+NEW = "PanTS_00000099"  # a scan without masks (the full PanTS has many): the only unlabeled one
 
 
 def _free_port() -> int:
@@ -94,6 +95,8 @@ class Server:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path, dict]]:
     root = tmp_path_factory.mktemp("served") / "PanTS"
     write_pants_tree(root, 4, shape=SHAPE, n_test=1)
+    (root / "ImageTr" / NEW).mkdir()
+    shutil.copy(root / "ImageTr" / TRAIN[0] / "ct.nii.gz", root / "ImageTr" / NEW / "ct.nii.gz")
     before = _snapshot(root)
     server = Server(root, root.parent / "server.log")
     try:
@@ -140,9 +143,10 @@ def versions(root: Path, image_id: str, tag: str = "final") -> list[int]:
 def test_pants_tree_served_in_place(served, client) -> None:
     server, root, _ = served
     info = client.info()
-    assert info["datastore"]["total"] == 3 and info["datastore"]["completed"] == 3
+    assert info["datastore"]["total"] == 4 and info["datastore"]["completed"] == 3
     listing = client.datastore()
-    assert sorted(listing["objects"]) == TRAIN  # ImageTe is not served
+    assert sorted(listing["objects"]) == TRAIN + [NEW]  # ImageTe is not served
+    assert listing["objects"][NEW]["labels"] == {}
     assert IMPORTED_TAG in listing["objects"][TRAIN[0]]["labels"]
     meta = http_json(f"{server.url}/datastore/image/info?image={TRAIN[0]}")
     assert meta["path"] == str(root / "ImageTr" / TRAIN[0] / "ct.nii.gz")
@@ -159,10 +163,11 @@ def test_masks_consolidated_by_priority(served, client) -> None:
 
 
 def test_next_sample_draws_unlabeled_scans(served, client) -> None:
-    # every served scan has imported masks, so only a strategy asking for 'final' finds work
-    assert client.next_sample("random", {}) == {}
-    sample = client.next_sample("random", {"label_tag": "final"})
-    assert sample["id"] in TRAIN and sample["path"].endswith("ct.nii.gz") and "center" in sample
+    # scans with imported masks count as labeled: the one without masks is the only candidate
+    for _ in range(3):
+        sample = client.next_sample("random", {})
+        assert sample["id"] == NEW and sample["path"] == str(served[1] / "ImageTr" / NEW / "ct.nii.gz")
+    assert "random" in client.datastore()["objects"][NEW]["image"]["info"]["strategy"]
 
 
 # ---- uploads -----------------------------------------------------------------------------------

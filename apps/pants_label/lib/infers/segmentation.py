@@ -1,0 +1,100 @@
+"""MONAI Label infer task: 28-class PanTS segmentation of a whole abdominal CT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.labelmap import LabelMap
+from lib.segmenter import Segmenter
+from lib.volume_io import load_volume, result_suffix, write_label
+
+logger = logging.getLogger(__name__)
+
+
+class InferError(ValueError):
+    """A request the task cannot serve (bad image, bad parameter); the message says why."""
+
+
+class PanTSSegmentation(InferTask):
+    """Runs :class:`lib.segmenter.Segmenter` and writes a uint8 label map in the image's geometry."""
+
+    def __init__(self, segmenter: Segmenter, labelmap: LabelMap) -> None:
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labelmap.labels_dict(),
+            dimension=3,
+            description="",  # filled per call of info(): it says whether the model is trained
+        )
+        self.segmenter = segmenter
+        self.labelmap = labelmap
+
+    # ---- what clients see
+    def is_trained(self) -> bool:
+        return self.segmenter.model_path.exists()
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        preset = self.segmenter.preset
+        trained = self.is_trained()
+        info["description"] = (
+            f"PanTS 28-class SegResNet, preset '{self.segmenter.preset_name}' "
+            f"({preset.spacing_mm[0]:g} mm)"
+            + ("" if trained else " - UNTRAINED: random weights until a model is trained or placed in the model folder")
+        )
+        info["trained"] = trained
+        info["preset"] = self.segmenter.preset_name
+        info["spacing_mm"] = list(preset.spacing_mm)
+        info["model_file"] = os.path.basename(self.segmenter.model_path)
+        info["colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
+        return info
+
+    def is_valid(self) -> bool:
+        # Listed even when untrained, so that /info says so instead of hiding the model.
+        return True
+
+    # ---- the request
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        t0 = time.perf_counter()
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise InferError("image: a datastore image id or a file is required")
+        try:
+            suffix = result_suffix(request.get("result_extension"))
+        except ValueError as err:
+            raise InferError(str(err)) from None
+        dtype = str(request.get("result_dtype", "uint8"))
+        if dtype != "uint8":
+            raise InferError(f"result_dtype: only 'uint8' is produced (28 classes fit), got {dtype!r}")
+
+        t = time.perf_counter()
+        try:
+            vol = load_volume(image)
+        except (ValueError, FileNotFoundError) as err:
+            raise InferError(str(err)) from None
+        latencies = {"load": round(time.perf_counter() - t, 3)}
+
+        label, stage = self.segmenter.segment(vol)
+        latencies.update(stage)
+
+        t = time.perf_counter()
+        fd, out = tempfile.mkstemp(suffix=suffix, prefix="pants_seg_")
+        os.close(fd)
+        write_label(label, vol.affine, out)
+        latencies["write"] = round(time.perf_counter() - t, 3)
+        latencies["total"] = round(time.perf_counter() - t0, 3)
+        logger.info(f"infer {os.path.basename(image)} {vol.array.shape}: {latencies}")
+
+        params = {
+            "label_names": self.labelmap.labels_dict(),
+            "latencies": latencies,
+            "preset": self.segmenter.preset_name,
+            "trained": self.segmenter.info.trained,
+            "model_mtime": self.segmenter.info.mtime,
+        }
+        return out, params

@@ -7,11 +7,7 @@ PanTS-layout phantom tree in place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,22 +21,15 @@ import pytest
 from lib.datastore import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
 from lib.labelmap import load_labelmap
 from lib.phantom import write_pants_tree
+from server import Server
 
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[1]
-APP_DIR = REPO / "apps" / "pants_label"
 LM = load_labelmap()
 SHAPE = (32, 32, 24)
 TRAIN = ["PanTS_00000001", "PanTS_00000002", "PanTS_00000003"]
 TEST = ["PanTS_00000004"]
 NEW = "PanTS_00000099"  # a scan without masks (the full PanTS has many): the only unlabeled one
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -49,46 +38,6 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
         for p in root.rglob("*")
         if p.is_file() and STATE_DIRNAME not in p.parts
     }
-
-
-class Server:
-    def __init__(self, root: Path, log: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [
-            sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(root),
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                urllib.request.urlopen(f"{self.url}/info/", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server did not answer /info/ within 180 s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        self._fh.flush()
-        return self.log.read_text()[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._fh.close()
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +250,26 @@ def test_concurrent_saves_lose_nothing(served, tmp_path: Path) -> None:
     truth = uploads[0][2]
     for v in new:  # every stored version is the canonical map, whichever segment order it came in
         np.testing.assert_array_equal(load(v["path"]), truth)
+
+
+def test_campaign_with_imported_labels_hidden(served, tmp_path: Path) -> None:
+    """--conf hide_imported_labels true: every scan starts unlabeled; a reveal shows its masks."""
+    from monailabel.client import MONAILabelClient
+
+    root = tmp_path / "PanTS"  # a fresh copy: the module's server has stored final labels
+    shutil.copytree(served[1], root, ignore=shutil.ignore_patterns(STATE_DIRNAME))
+    server = Server(root, tmp_path / "campaign.log", conf={"hide_imported_labels": "true"})
+    try:
+        c = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+        assert c.info()["datastore"]["completed"] == 0
+        assert IMPORTED_TAG not in c.datastore()["objects"][TRAIN[0]]["labels"]
+        assert c.next_sample("random", {})["id"] in TRAIN + [NEW]
+        PanTSDatastore(root, hide_imported_labels=True).reveal_imported(TRAIN[0])  # the simulator, another process
+        assert c.info()["datastore"]["completed"] == 1
+        np.testing.assert_array_equal(load(c.download_label(TRAIN[0], IMPORTED_TAG)),
+                                      LM.consolidate(masks_of(root, TRAIN[0])))
+    finally:
+        server.stop()
 
 
 def test_dataset_files_untouched(served) -> None:

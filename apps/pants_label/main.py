@@ -66,7 +66,7 @@ class PanTSLabelApp(MONAILabelApp):
 
         return PanTSDatastore(
             self.studies,
-            state_dir=getattr(self.settings, "datastore_dir", None),
+            state_dir=self.settings.datastore_dir,
             hide_imported_labels=self.settings.hide_imported_labels,
             serve_test_split=self.settings.serve_test_split,
             labelmap=self.labelmap,

@@ -139,6 +139,7 @@ class AppSettings(_Frozen):
     auto_train_after: int = Field(10, ge=0, description="start training after this many new final labels; 0 = off")
     max_upload_mb: int = Field(1024, ge=1)
     model_dir: str | None = Field(None, description="folder of published weights; default <app>/model")
+    datastore_dir: str | None = Field(None, description="writable index/labels folder; default <studies>/.pants_label")
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> "AppSettings":

@@ -8,6 +8,7 @@ import tempfile
 import time
 from typing import Any
 
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.labelmap import LabelMap
@@ -17,8 +18,14 @@ from lib.volume_io import load_volume, result_suffix, write_label
 logger = logging.getLogger(__name__)
 
 
-class InferError(ValueError):
-    """A request the task cannot serve (bad image, bad parameter); the message says why."""
+class InferError(HTTPException):
+    """A request the task cannot serve (bad image, bad parameter): the client gets a 4xx saying why."""
+
+    def __init__(self, detail: str, status_code: int = 400) -> None:
+        super().__init__(status_code=status_code, detail=detail)
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.detail}"
 
 
 class PanTSSegmentation(InferTask):
@@ -76,7 +83,7 @@ class PanTSSegmentation(InferTask):
         try:
             vol = load_volume(image)
         except (ValueError, FileNotFoundError) as err:
-            raise InferError(str(err)) from None
+            raise InferError(str(err), 422) from None
         latencies = {"load": round(time.perf_counter() - t, 3)}
 
         label, stage = self.segmenter.segment(vol)

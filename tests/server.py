@@ -1,0 +1,85 @@
+"""Starting the real MONAI Label server for tests: ``monailabel start_server`` on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "pants_label"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``monailabel start_server --app apps/pants_label`` subprocess; ``stop()`` ends it.
+
+    Args:
+        studies: the ``--studies`` folder (or DICOMweb URL).
+        log: file that receives the server's output (shown when start-up fails).
+        conf: ``--conf key value`` pairs.
+        timeout: seconds to wait for ``/info/``.
+    """
+
+    def __init__(self, studies: Path | str, log: Path, conf: dict[str, str] | None = None, timeout: float = 180) -> None:
+        self.root = studies
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log)
+        cmd = [
+            sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]
+        for key, value in (conf or {}).items():
+            cmd += ["--conf", key, str(value)]
+        # The launcher runs training in a subprocess that calls `python`: keep our venv first on PATH.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+        self._fh = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                urllib.request.urlopen(f"{self.url}/info/", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not answer /info/ within {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self._fh.flush()
+        return self.log.read_text()[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._fh.close()
+
+
+def run_server_expecting_failure(studies: Path | str, conf: dict[str, str], timeout: float = 120) -> tuple[int, str]:
+    """Start the server with settings that must stop it; returns (exit code, output)."""
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(free_port()),
+    ]
+    for key, value in conf.items():
+        cmd += ["--conf", key, str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return proc.returncode, proc.stdout + proc.stderr

@@ -1,0 +1,169 @@
+"""The PanTS app behind the real server, driven by 3D Slicer's client (``MONAILabelClient``).
+
+Covers /info, next sample, infer (geometry, dtype, values, Slicer's .nrrd request), save label,
+and a short training run that publishes a model the infer task then uses without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lib.labelmap import load_labelmap
+from lib.phantom import write_pants_tree
+from server import Server, run_server_expecting_failure
+
+pytestmark = pytest.mark.server
+
+LM = load_labelmap()
+# Coarse voxels so that the 'fast' preset (3 mm) still sees ~13 voxels per side.
+SHAPE, SPACING = (40, 40, 32), (2.5, 2.5, 3.0)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path, Path]]:
+    base = tmp_path_factory.mktemp("app")
+    root = base / "PanTS"
+    write_pants_tree(root, 6, shape=SHAPE, spacing=SPACING, seed=3)
+    model_dir = base / "model"
+    server = Server(root, base / "server.log", conf={"model_dir": str(model_dir), "preset": "fast"})
+    try:
+        yield server, root, model_dir
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def client(app: tuple[Server, Path, Path]):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(app[0].url, tmpdir=str(app[1].parent))
+
+
+def test_info_lists_28_labels_model_trainer_strategies(client) -> None:
+    info = client.info()
+    assert list(info["labels"]) == LM.names
+    assert [info["labels"][n] for n in LM.names] == list(range(1, 29))
+    model = info["models"]["segmentation"]
+    assert model["type"] == "segmentation" and model["dimension"] == 3
+    assert model["labels"] == LM.labels_dict()
+    assert model["preset"] == "fast"
+    assert "segmentation" in info["trainers"]
+    assert "random" in info["strategies"]
+    assert info["datastore"]["total"] == 6
+
+
+def test_untrained_model_is_said_plainly(app, client) -> None:
+    model_dir = app[2]
+    if (model_dir / "segresnet_fast.pt").exists():
+        pytest.skip("a model was already published in this module")
+    model = client.info()["models"]["segmentation"]
+    assert model["trained"] is False
+    assert "UNTRAINED" in model["description"]
+
+
+def test_next_sample_returns_a_served_scan(app, client) -> None:
+    res = client.next_sample("random", {})
+    # Every phantom has imported masks, so all are labelled: the answer is empty, not an error.
+    assert res == {} or res["id"].startswith("PanTS_")
+
+
+def _infer(client, image_id: str, params: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    path, params_out = client.infer("segmentation", image_id, params)
+    img = nib.load(path) if not path.endswith(".nrrd") else None
+    if img is not None:
+        return np.asarray(img.dataobj), img.affine, params_out
+    import nrrd
+
+    data, header = nrrd.read(path)
+    return data, header, params_out
+
+
+def test_infer_geometry_dtype_and_values(app, client) -> None:
+    root = app[1]
+    ref = nib.load(root / "ImageTr" / "PanTS_00000001" / "ct.nii.gz")
+    label, affine, params = _infer(client, "PanTS_00000001", {})
+    assert label.shape == ref.shape
+    assert label.dtype == np.uint8
+    np.testing.assert_allclose(affine, ref.affine, atol=1e-4)
+    assert label.min() >= 0 and label.max() <= 28
+    assert set(params["latencies"]) >= {"load", "pre", "infer", "post", "write", "total"}
+
+
+def test_infer_as_slicer_asks_nrrd_uint8(app, client) -> None:
+    root = app[1]
+    ref = nib.load(root / "ImageTr" / "PanTS_00000002" / "ct.nii.gz")
+    data, header, _ = _infer(client, "PanTS_00000002", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    assert data.shape == ref.shape and data.dtype == np.uint8
+    # NRRD geometry is LPS: it must describe the same voxel grid as the NIfTI (RAS) affine.
+    lps = np.diag([-1.0, -1.0, 1.0]) @ ref.affine[:3, :3]
+    np.testing.assert_allclose(np.asarray(header["space directions"]).T, lps, atol=1e-4)
+    np.testing.assert_allclose(header["space origin"], np.diag([-1.0, -1.0, 1.0]) @ ref.affine[:3, 3], atol=1e-4)
+
+
+def test_infer_refuses_bad_extension(app) -> None:
+    url = f"{app[0].url}/infer/segmentation?image=PanTS_00000001"
+    body = (
+        "--b\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
+        '{"result_extension": ".exe"}\r\n--b--\r\n'
+    ).encode()
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert 400 <= err.value.code < 500
+    assert "result_extension" in err.value.read().decode()
+
+
+def test_save_label_then_download(app, client, tmp_path: Path) -> None:
+    root = app[1]
+    ref = nib.load(root / "ImageTr" / "PanTS_00000003" / "ct.nii.gz")
+    label = np.zeros(ref.shape, np.uint8)
+    label[10:20, 10:20, 8:16] = LM.id_of("liver")
+    label[22:26, 20:24, 10:14] = LM.id_of("pancreas_head")
+    f = tmp_path / "final.nii.gz"
+    nib.save(nib.Nifti1Image(label, ref.affine), f)
+    client.save_label("PanTS_00000003", str(f), tag="final")
+    with urllib.request.urlopen(f"{app[0].url}/datastore/label?label=PanTS_00000003&tag=final", timeout=30) as r:
+        (tmp_path / "back.nii.gz").write_bytes(r.read())
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj), label)
+
+
+def _wait_training(client, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = client.train_status(check_if_running=True)
+        stats = client.info()["train_stats"]["segmentation"]
+        if not running and stats.get("status") in {"DONE", "FAILED"}:
+            return stats
+        time.sleep(1)
+    raise TimeoutError("training did not finish")
+
+
+def test_training_publishes_a_model_that_infer_uses_without_restart(app, client) -> None:
+    _, _, before = _infer(client, "PanTS_00000001", {})
+    assert before["trained"] is False
+    client.train_start("segmentation", {"max_epochs": 2, "iterations_per_epoch": 2, "batch_size": 1})
+    stats = _wait_training(client)
+    assert stats["status"] == "DONE", stats
+    assert stats["published"] is True
+    assert stats["val_size"] >= 1 and stats["train_size"] >= 1
+    assert (app[2] / "segresnet_fast.pt").exists()
+    model = client.info()["models"]["segmentation"]
+    assert model["trained"] is True and "UNTRAINED" not in model["description"]
+    _, _, after = _infer(client, "PanTS_00000001", {})
+    assert after["trained"] is True
+    assert after["model_mtime"] == pytest.approx((app[2] / "segresnet_fast.pt").stat().st_mtime)
+
+
+def test_bad_conf_stops_the_server_naming_the_key(tmp_path: Path) -> None:
+    write_pants_tree(tmp_path / "d", 1, shape=(24, 24, 16))
+    code, out = run_server_expecting_failure(tmp_path / "d", {"preset": "turbo"})
+    assert code != 0
+    assert "--conf preset" in out and "turbo" in out

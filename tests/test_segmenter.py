@@ -1,0 +1,126 @@
+"""The segmentation pipeline's pieces: exact slab-wise upsampling, orientation round trip, outputs."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.labelmap import load_labelmap
+from lib.segmenter import Segmenter, normalize_hu, target_shape, upsample_argmax
+from lib.settings import load_segmentation_config
+from lib.training import crop, effective_patch, split_train_val
+from lib.volume_io import Volume, canonical_spacing, load_volume, reorientation, write_label
+
+CFG = load_segmentation_config()
+LM = load_labelmap()
+
+
+@pytest.mark.parametrize(
+    "low, out, slab",
+    [((7, 9, 6), (23, 30, 17), 4), ((5, 5, 5), (5, 5, 5), 2), ((4, 6, 3), (31, 13, 11), 16), ((3, 3, 3), (40, 8, 9), 7)],
+)
+def test_slabwise_upsample_argmax_equals_full_trilinear(low, out, slab) -> None:
+    torch.manual_seed(sum(low))
+    logits = torch.randn(1, 5, *low)
+    ref = F.interpolate(logits, size=out, mode="trilinear", align_corners=False).argmax(1)[0].numpy()
+    got = upsample_argmax(logits, out, slab=slab)
+    assert got.dtype == np.uint8 and got.shape == out
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_hu_window_maps_to_unit_range() -> None:
+    x = normalize_hu(np.array([-3000.0, -1000.0, 0.0, 1000.0, 3000.0]), CFG)
+    np.testing.assert_allclose(x.numpy(), [-1, -1, 0, 1, 1])
+
+
+def test_target_shape_follows_spacing() -> None:
+    assert target_shape((512, 512, 300), (0.8, 0.8, 1.25), (3.0, 3.0, 3.0)) == (137, 137, 125)
+
+
+@pytest.mark.parametrize("affine", [np.diag([-0.8, -0.8, 1.25, 1]), np.diag([0.8, 0.8, 1.25, 1]),
+                                    np.array([[0, 0, 2.0, 0], [-0.7, 0, 0, 0], [0, 0.9, 0, 0], [0, 0, 0, 1]])])
+def test_reorientation_round_trip(affine) -> None:
+    arr = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    ro = reorientation(affine, "RPS")
+    can = ro.to_canonical(arr)
+    np.testing.assert_array_equal(ro.from_canonical(can), arr)
+    spacing = sorted(np.sqrt((affine[:3, :3] ** 2).sum(0)))
+    assert sorted(canonical_spacing(affine, "RPS")) == pytest.approx(spacing)
+
+
+def test_segment_keeps_shape_and_orientation_of_any_input(tmp_path) -> None:
+    seg = Segmenter(CFG, LM, "fast", tmp_path / "none.pt")
+    rng = np.random.default_rng(0)
+    affine = np.array([[0, 0, 3.0, 5], [-2.5, 0, 0, 7], [0, 2.5, 0, -9], [0, 0, 0, 1]])
+    vol = Volume(rng.normal(0, 200, (20, 18, 14)).astype(np.float32), affine)
+    label, lat = seg.segment(vol)
+    assert label.shape == (20, 18, 14) and label.dtype == np.uint8 and label.max() <= 28
+    assert set(lat) == {"pre", "infer", "post"}
+    assert seg.info.trained is False
+    # Flipping the stored array (and its affine to match) must flip the result the same way.
+    flipped_aff = affine.copy()
+    flipped_aff[:3, 0] *= -1
+    flipped_aff[:3, 3] = affine[:3, 3] + affine[:3, 0] * 19
+    label2, _ = seg.segment(Volume(vol.array[::-1].copy(), flipped_aff))
+    np.testing.assert_array_equal(label2[::-1], label)
+
+
+def test_label_written_as_nifti_and_nrrd_with_the_same_geometry(tmp_path) -> None:
+    import nrrd
+
+    affine = np.array([[-0.8, 0, 0, 10], [0, -0.8, 0, 20], [0, 0, 1.25, -30], [0, 0, 0, 1]])
+    label = np.random.default_rng(1).integers(0, 29, (6, 7, 8)).astype(np.uint8)
+    write_label(label, affine, tmp_path / "a.nii.gz")
+    write_label(label, affine, tmp_path / "a.nrrd")
+    back = load_volume(tmp_path / "a.nii.gz", np.uint8)
+    np.testing.assert_array_equal(back.array, label)
+    np.testing.assert_allclose(back.affine, affine)
+    data, header = nrrd.read(str(tmp_path / "a.nrrd"))
+    np.testing.assert_array_equal(data, label)
+    via_sitk = load_volume(tmp_path / "a.nrrd", np.uint8)  # SimpleITK reads NRRD as Slicer does
+    np.testing.assert_array_equal(via_sitk.array, label)
+    np.testing.assert_allclose(via_sitk.affine, affine, atol=1e-6)
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path) -> None:
+    bad = tmp_path / "x.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="x.nii.gz"):
+        load_volume(bad)
+
+
+def test_model_for_another_label_map_is_refused(tmp_path) -> None:
+    from lib.model_store import publish
+    from lib.segmenter import build_network
+
+    net = build_network(CFG, LM.num_classes)
+    publish(net.state_dict(), {"labels": ["a"] * 28}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="trained for labels"):
+        Segmenter(CFG, LM, "fast", tmp_path / "m.pt").network()
+
+
+def test_validation_split_is_stable_and_stratified() -> None:
+    ids = [f"c{i:03d}" for i in range(40)]
+    centers = {i: ("A" if n < 30 else "B") for n, i in enumerate(ids)}
+    train, val = split_train_val(ids, centers, 0.2, seed=0)
+    assert set(train) | set(val) == set(ids) and not set(train) & set(val)
+    assert {centers[v] for v in val} == {"A", "B"}
+    # More labels arriving never move an existing scan between the sets.
+    more = ids + [f"d{i:03d}" for i in range(20)]
+    centers.update({i: "A" for i in more[40:]})
+    train2, val2 = split_train_val(more, centers, 0.2, seed=0)
+    assert set(val) <= set(val2) and set(train) <= set(train2)
+    assert split_train_val(["only"], {}, 0.2, 0) == (["only"], [])
+
+
+def test_crop_pads_outside_the_volume() -> None:
+    img = np.ones((10, 10, 10), np.float16)
+    lab = np.full((10, 10, 10), 3, np.uint8)
+    i, l = crop(img, lab, np.array([0, 5, 9]), (8, 8, 8))
+    assert i.shape == (8, 8, 8) and (i[:4] == -1).all() and (i[4:, :, :5] == 1).all()
+    assert (l[:4] == 0).all() and (l[4:, :, :5] == 3).all()
+    assert effective_patch((96, 96, 96), [(13, 20, 9), (30, 10, 9)]) == (32, 24, 16)

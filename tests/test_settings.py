@@ -1,0 +1,51 @@
+"""Settings are validated at start and errors name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from lib.config_errors import ConfigError
+from lib.settings import AppSettings, SegmentationConfig, load_segmentation_config
+from lib.config_errors import validate_model
+
+
+def test_presets_file_is_valid_and_has_both_presets() -> None:
+    cfg = load_segmentation_config()
+    assert {"fast", "full"} <= set(cfg.presets)
+    assert cfg.preset("full").spacing_mm[0] <= 1.5 < cfg.preset("fast").spacing_mm[0]
+
+
+def test_conf_defaults_choose_fast_on_cpu() -> None:
+    s = AppSettings.from_conf({})
+    assert s.preset == "auto"
+    assert s.resolved_preset() == ("full" if s.resolved_device() == "cuda" else "fast")
+
+
+@pytest.mark.parametrize(
+    "conf, key",
+    [
+        ({"preset": "turbo"}, "preset"),
+        ({"hide_imported_labels": "maybe"}, "hide_imported_labels"),
+        ({"auto_train_after": "-1"}, "auto_train_after"),
+        ({"max_upload_mb": "lots"}, "max_upload_mb"),
+        ({"presett": "fast"}, "presett"),
+    ],
+)
+def test_bad_conf_names_the_key(conf, key) -> None:
+    with pytest.raises(ConfigError, match=f"--conf {key}"):
+        AppSettings.from_conf(conf)
+
+
+def test_monailabel_own_keys_pass() -> None:
+    assert AppSettings.from_conf({"server_mode": "true", "preset": "full"}).preset == "full"
+
+
+def test_bad_preset_values_name_the_key() -> None:
+    data = load_segmentation_config().model_dump()
+    data["presets"]["fast"]["roi_size"] = [100, 96, 96]
+    with pytest.raises(ConfigError, match=r"presets\.fast\.roi_size"):
+        validate_model("presets.yaml", SegmentationConfig, data)
+    data = load_segmentation_config().model_dump()
+    data["preprocessing"]["hu_max"] = -2000
+    with pytest.raises(ConfigError, match=r"preprocessing\.hu_max"):
+        validate_model("presets.yaml", SegmentationConfig, data)

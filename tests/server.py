@@ -30,20 +30,29 @@ class Server:
         timeout: seconds to wait for ``/info/``.
     """
 
-    def __init__(self, studies: Path | str, log: Path, conf: dict[str, str] | None = None, timeout: float = 180) -> None:
+    def __init__(
+        self,
+        studies: Path | str,
+        log: Path,
+        conf: dict[str, str] | None = None,
+        timeout: float = 180,
+        app_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        """``app_dir`` serves another app (benchmarks run the radiology sample app this way)."""
         self.root = studies
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
         cmd = [
-            sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-            "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir or APP_DIR),
+            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port),
         ]
         for key, value in (conf or {}).items():
             cmd += ["--conf", key, str(value)]
         # The launcher runs training in a subprocess that calls `python`: keep our venv first on PATH.
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **(extra_env or {})}
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         deadline = time.time() + timeout

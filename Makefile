@@ -1,0 +1,41 @@
+# PanTS Label: two commands.
+#   make serve   set up (if needed), make a demo dataset (if none), start the server on 127.0.0.1:8000
+#   make test    set up (if needed), run the tests
+# Other targets: make setup, make demo, make clean-venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+STUDIES ?= data/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONF ?=
+PY := $(VENV)/bin/python
+# The launcher runs training/scoring subprocesses with `python` from PATH: keep the venv first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup serve test demo clean-venv
+
+# --no-deps: requirements*.txt is the complete pinned set; it keeps monailabel's heavy optional
+# extras (CUDA torch, sam2, mlflow, openslide) out. Re-runs only when a requirements file changes.
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.txt -r requirements-test.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	@if [ "$(STUDIES)" = "data/demo" ] && [ ! -d data/demo/ImageTr ]; then \
+		echo "making the demo dataset in data/demo (12 phantom CTs, 2 held out as a test split)"; \
+		$(PY) scripts/make_phantoms.py --out data/demo --n 12 --n-test 2 --shape 192 192 128 --spacing 1.6 1.6 2.5; \
+	fi
+
+serve: demo
+	$(PY) -m monailabel.main start_server --app apps/pants_label --studies $(STUDIES) \
+		--host $(HOST) --port $(PORT) $(CONF)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

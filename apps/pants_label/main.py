@@ -60,6 +60,22 @@ class PanTSLabelApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            # A DICOMweb server (Orthanc, a PACS): CT series in, DICOM SEG labels out, written
+            # in-process (MONAI Label's own path would download a converter at start).
+            from monailabel.config import settings as ml_settings
+
+            from lib.dicomweb import DICOMwebDatastore, make_client
+
+            url = self.studies.rstrip("/")
+            client = make_client(url, ml_settings.MONAI_LABEL_DICOMWEB_USERNAME, ml_settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+            return DICOMwebDatastore(
+                url,
+                client=client,
+                state_dir=self.settings.datastore_dir,
+                labelmap=self.labelmap,
+                max_upload_bytes=self.settings.max_upload_mb << 20,
+            )
         # A PanTS root (ImageTr/...) or a flat NIfTI folder, read in place; the index, stored
         # labels and caches go to <studies>/.pants_label or to --conf datastore_dir (read-only data).
         from lib.datastore import PanTSDatastore

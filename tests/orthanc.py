@@ -1,0 +1,80 @@
+"""Starting a real Orthanc (with its DICOMweb plugin) for tests, from ``configs/orthanc.json``.
+
+Each instance runs as our own process on a free loopback port with its own storage folder, so
+it never meets a system Orthanc service (which, on Debian, listens on 8042 with /var/lib/orthanc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from server import REPO, free_port
+
+CONFIG = REPO / "configs" / "orthanc.json"
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def require_orthanc() -> None:
+    """Skip when Orthanc is not installed, except in CI (``CI`` set), where that is a failure."""
+    plugin = json.loads(CONFIG.read_text())["Plugins"][0]
+    missing = [p for p in (ORTHANC, plugin) if not os.path.exists(p)]
+    if missing:
+        msg = f"Orthanc not installed ({', '.join(missing)} missing): apt-get install orthanc orthanc-dicomweb"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+class Orthanc:
+    """An ``Orthanc`` subprocess on ``127.0.0.1:<free port>`` storing into ``storage``.
+
+    Attributes:
+        url: the REST root; ``dicomweb``: the DICOMweb root (``url + "/dicom-web"``).
+    """
+
+    def __init__(self, storage: Path, log: Path, timeout: float = 30) -> None:
+        self.storage = Path(storage)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+        cfg = json.loads(CONFIG.read_text())
+        cfg.update(HttpPort=self.port, StorageDirectory=str(self.storage), IndexDirectory=str(self.storage))
+        self.config = self.storage / "orthanc.json"
+        self.config.write_text(json.dumps(cfg, indent=2))
+        self.log = Path(log)
+        self._fh = open(self.log, "w")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self._fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{self.dicomweb}/studies", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer within {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._fh.close()

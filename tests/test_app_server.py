@@ -50,7 +50,7 @@ def client(app: tuple[Server, Path, Path]):
 def test_info_lists_28_labels_model_trainer_strategies(client) -> None:
     info = client.info()
     assert list(info["labels"]) == LM.names
-    assert [info["labels"][n] for n in LM.names] == list(range(1, 29))
+    assert [info["models"]["segmentation"]["labels"][n] for n in LM.names] == list(range(1, 29))
     model = info["models"]["segmentation"]
     assert model["type"] == "segmentation" and model["dimension"] == 3
     assert model["labels"] == LM.labels_dict()

@@ -103,6 +103,9 @@ class PanTSLabelApp(MONAILabelApp):
 
     def info(self) -> dict[str, Any]:
         info = super().info()
+        # Top-level labels as names in id order, MONAI Label's own form: OHIF's panel appends to
+        # this list (a dict breaks it); Slicer iterates either. Ids: models[*].labels.
+        info["labels"] = self.labelmap.names
         info["preset"] = self.preset
         info["device"] = self.device
         info["label_colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}

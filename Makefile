@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 # The launcher runs training/scoring subprocesses with `python` from PATH: keep the venv first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup serve test demo clean-venv
+.PHONY: setup setup-gpu serve test demo clean-venv
 
 # --no-deps: requirements*.txt is the complete pinned set; it keeps monailabel's heavy optional
 # extras (CUDA torch, sam2, mlflow, openslide) out. Re-runs only when a requirements file changes.
@@ -23,6 +23,13 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# GPU machine: everything but torch pinned as usual, then torch with its CUDA libraries from PyPI.
+setup-gpu:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	grep -v '^torch==' requirements.txt | $(PY) -m pip install --no-deps -r /dev/stdin -r requirements-test.txt
+	$(PY) -m pip install "$$(grep '^torch==' requirements.txt)"
+	touch $(VENV)/.installed
 
 demo: setup
 	@if [ "$(STUDIES)" = "data/demo" ] && [ ! -d data/demo/ImageTr ]; then \

@@ -105,7 +105,7 @@ class RetrainScheduler:
         self.state.auto_train_after = threshold
 
     # ---- events ------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, thread: bool = True) -> None:
         """Resume after a restart (an interrupted run runs again), count labels saved meanwhile, start the thread."""
         with self._lock:
             if self.state.running:
@@ -113,6 +113,8 @@ class RetrainScheduler:
                 self._set_pending("the previous run was interrupted by a restart")
             self._save()
         self.on_label_saved()
+        if not thread:
+            return
         self._thread = threading.Thread(target=self._loop, name="auto-retrain", daemon=True)
         self._thread.start()
 

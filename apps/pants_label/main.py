@@ -105,7 +105,10 @@ class PanTSLabelApp(MONAILabelApp):
         super().on_save_label(image_id, label_id)
         scheduler: RetrainScheduler | None = getattr(self, "retrain", None)
         if scheduler is not None:
-            scheduler.on_label_saved()
+            try:
+                scheduler.on_label_saved()
+            except Exception:  # noqa: BLE001 - the label is stored; counting must not fail the upload
+                logger.exception("auto-retrain: could not count the new label")
         return {}
 
     def info(self) -> dict[str, Any]:

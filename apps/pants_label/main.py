@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
 from lib.labelmap import load_labelmap  # noqa: E402
 from lib.model_store import model_path  # noqa: E402
+from lib.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
 from lib.segmenter import Segmenter, default_threads  # noqa: E402
 from lib.settings import AppSettings, load_segmentation_config  # noqa: E402
 from lib.strategies import RandomUnlabeled  # noqa: E402
@@ -96,10 +97,35 @@ class PanTSLabelApp(MONAILabelApp):
         return {MODEL: PanTSSegmentation(segmenter, self.labelmap)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {MODEL: PanTSTrain(self.seg_config, self.labelmap, self.preset, self.model_dir, self.device)}
+        return {
+            MODEL: PanTSTrain(
+                self.seg_config, self.labelmap, self.preset, self.model_dir, self.device,
+                max_epochs=self.settings.train_max_epochs,
+            )
+        }
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": RandomUnlabeled()}
+
+    # ---- auto-retrain (server process only: training subprocesses never start the scheduler)
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        launch, busy = monailabel_launcher(MODEL)
+        trainer: PanTSTrain = self._trainers[MODEL]  # type: ignore[assignment]
+        self.retrain = RetrainScheduler(
+            trainer.retrain_state_path, self.settings.auto_train_after, self.datastore, launch, busy
+        )
+        self.retrain.start()
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        super().on_save_label(image_id, label_id)
+        scheduler: RetrainScheduler | None = getattr(self, "retrain", None)
+        if scheduler is not None:
+            try:
+                scheduler.on_label_saved()
+            except Exception:  # noqa: BLE001 - the label is stored; counting must not fail the upload
+                logger.exception("auto-retrain: could not count the new label")
+        return {}
 
     def info(self) -> dict[str, Any]:
         info = super().info()

@@ -137,6 +137,7 @@ class AppSettings(_Frozen):
     hide_imported_labels: bool = False
     serve_test_split: bool = False
     auto_train_after: int = Field(10, ge=0, description="start training after this many new final labels; 0 = off")
+    train_max_epochs: int | None = Field(None, ge=1, description="epochs per run; default presets.yaml training.max_epochs")
     max_upload_mb: int = Field(1024, ge=1)
     model_dir: str | None = Field(None, description="folder of published weights; default <app>/model")
     datastore_dir: str | None = Field(None, description="writable index/labels folder; default <studies>/.pants_label")

@@ -1,9 +1,14 @@
 """MONAI Label train task: fine-tune the preset's SegResNet and publish it only if it is not worse.
 
-MONAI Label runs this in a subprocess (``POST /train/segmentation``); progress goes to a stats JSON
-beside the model, which ``/info`` reads as ``train_stats``. The published weights are replaced by
-``os.replace`` only after the new model matched or beat the current one on the same fixed,
-center-stratified validation set; the infer task reloads them by file mtime, without a restart.
+MONAI Label runs this in a subprocess (``POST /train/segmentation``, or the auto-retrain scheduler
+of :mod:`lib.retrain`); progress goes to a stats JSON beside the model, which ``/info`` reads as
+``train_stats``. The published weights are replaced by ``os.replace`` only after the new model
+matched or beat the current one on the same fixed, center-stratified validation set; the infer
+task reloads them by file mtime, without a restart.
+
+Devices: one CUDA GPU with mixed precision; several GPUs with torch DDP (one process per GPU,
+NCCL; MONAI Label's ``multi_gpu`` request key, on by default); the CPU otherwise. DDP also runs on
+the CPU over gloo with ``cpu_processes > 1`` (how the DDP path is tested without a GPU).
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.losses import DiceCELoss
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -40,6 +49,9 @@ from lib.training import (
 
 logger = logging.getLogger(__name__)
 
+#: seconds between progress writes inside an epoch (an epoch over thousands of scans is long)
+_STATS_EVERY_S = 10.0
+
 
 class TrainRequest(BaseModel):
     """Options a client may send with ``POST /train/segmentation`` (defaults from presets.yaml)."""
@@ -52,154 +64,280 @@ class TrainRequest(BaseModel):
     iterations_per_epoch: int = Field(ge=0, le=100000)
     from_scratch: bool = False
     val_every: int = Field(1, ge=1)
+    multi_gpu: bool = True  # MONAI Label's key: DDP over every visible GPU when there are several
+    cpu_processes: int = Field(1, ge=1, le=64)  # DDP over gloo on the CPU (no GPU)
+    trigger: str = "on demand"  # who started the run (the auto-retrain scheduler says why)
+
+
+@dataclass
+class FitPlan:
+    """Everything one training process needs; picklable, so DDP workers receive it whole."""
+
+    cfg: SegmentationConfig
+    labelmap: LabelMap
+    preset_name: str
+    model_path: Path
+    stats_path: Path
+    cache_root: Path
+    train: list[tuple[str, str, str]]  # (image id, image file, label file)
+    val: list[tuple[str, str, str]]
+    opts: TrainRequest
+    device: str  # "cpu" or "cuda"
+    stats: dict[str, Any]
 
 
 class PanTSTrain(TrainTask):
     def __init__(
-        self, cfg: SegmentationConfig, labelmap: LabelMap, preset_name: str, model_dir: Path, device: str
+        self,
+        cfg: SegmentationConfig,
+        labelmap: LabelMap,
+        preset_name: str,
+        model_dir: Path,
+        device: str,
+        max_epochs: int | None = None,
     ) -> None:
         super().__init__(f"Fine-tune the PanTS SegResNet ('{preset_name}' preset) on the labelled scans")
         self.cfg, self.labelmap, self.preset_name = cfg, labelmap, preset_name
         self.preset = cfg.preset(preset_name)
         self.model_dir = Path(model_dir)
         self.device = device
+        self.max_epochs = max_epochs or cfg.training.max_epochs
         self.path = model_path(self.model_dir, preset_name)
         self.stats_path = self.model_dir / f"train_stats_{preset_name}.json"
+        self.retrain_state_path = self.model_dir / f"retrain_{preset_name}.json"
 
     def config(self) -> dict[str, Any]:
         t = self.cfg.training
         return {
-            "max_epochs": t.max_epochs,
+            "max_epochs": self.max_epochs,
             "learning_rate": t.learning_rate,
             "batch_size": t.batch_size,
             "iterations_per_epoch": t.iterations_per_epoch,
             "from_scratch": False,
+            "multi_gpu": True,
         }
 
     def stats(self) -> dict[str, Any]:
-        return read_json(self.stats_path, default={}) or {}
+        """The last run's progress and result, plus the auto-retrain queue (``/info`` train_stats)."""
+        stats = read_json(self.stats_path, default={}) or {}
+        auto = read_json(self.retrain_state_path, default=None)
+        if auto is not None:
+            stats["auto_retrain"] = auto
+        return stats
 
     # ---- the run -------------------------------------------------------------------------
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         opts = validate_model("train request", TrainRequest, {**self.config(), **request})
-        device = torch.device(self.device)
-        t = self.cfg.training
-        rng_seed = t.seed
-        torch.manual_seed(rng_seed)
+        world, device = self._world(opts)
         stats: dict[str, Any] = {"status": "RUNNING", "preset": self.preset_name, "start_ts": time.time(),
-                                 "device": str(device)}
+                                 "device": device, "processes": world, "trigger": opts.trigger,
+                                 "progress": 0.0}
         self._write(stats)
         try:
-            result = self._run(opts, datastore, device, stats)
+            plan = self._plan(opts, datastore, device, stats)
+            if world > 1:
+                port = _free_port()
+                logger.info(f"DDP over {world} processes ({'nccl' if device == 'cuda' else 'gloo'})")
+                torch.multiprocessing.spawn(_fit_worker, args=(world, port, plan), nprocs=world, join=True)
+                result = read_json(self.stats_path, default={}) or {}
+                if "published" not in result:
+                    raise RuntimeError("DDP training ended without a result from rank 0")
+            else:
+                result = fit(plan)
         except Exception as err:
+            stats = {**(read_json(self.stats_path, default={}) or stats)}
             stats.update(status="FAILED", error=f"{type(err).__name__}: {err}", end_ts=time.time())
             self._write(stats)
             raise
-        stats.update(result, status="DONE", end_ts=time.time())
+        stats = {**result, "status": "DONE", "end_ts": time.time(), "progress": 1.0}
         self._write(stats)
         return stats
+
+    def _world(self, opts: TrainRequest) -> tuple[int, str]:
+        """How many training processes, on which device type."""
+        if self.device == "cuda" and torch.cuda.is_available():
+            return (torch.cuda.device_count() if opts.multi_gpu else 1), "cuda"
+        return opts.cpu_processes, "cpu"
 
     def _write(self, stats: dict[str, Any]) -> None:
         write_json_atomic(self.stats_path, stats)
 
-    def _run(self, opts: TrainRequest, datastore: Datastore, device: torch.device, stats: dict) -> dict[str, Any]:
+    def _plan(self, opts: TrainRequest, datastore: Datastore, device: str, stats: dict) -> FitPlan:
+        """Pick the training pairs, split them, and build the disk cache (once, before any worker starts)."""
         pairs = {d["image_id"] if "image_id" in d else Path(d["image"]).name: d for d in datastore.datalist()}
         if len(pairs) < 2:
             raise ValueError(f"training needs at least 2 labelled scans, the datastore has {len(pairs)}")
         train_ids, val_ids = split_train_val(
             list(pairs), meta_centers(datastore, list(pairs)), self.cfg.training.val_fraction, self.cfg.training.seed
         )
-        cache = CaseCache(self.model_dir / ".cache" / self.preset_name, self.cfg, self.preset, self.labelmap)
+        cache_root = self.model_dir / ".cache" / self.preset_name
+        cache = CaseCache(cache_root, self.cfg, self.preset, self.labelmap)
         t0 = time.time()
-        train = [cache.get(i, pairs[i]["image"], pairs[i]["label"]) for i in train_ids]
-        val = [cache.get(i, pairs[i]["image"], pairs[i]["label"]) for i in val_ids]
-        stats.update(train_size=len(train), val_size=len(val), val_ids=val_ids,
+        for i in train_ids + val_ids:
+            cache.get(i, pairs[i]["image"], pairs[i]["label"])
+        stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids,
                      cache_s=round(time.time() - t0, 2))
         self._write(stats)
+        triple = lambda i: (i, pairs[i]["image"], pairs[i]["label"])  # noqa: E731
+        return FitPlan(
+            cfg=self.cfg, labelmap=self.labelmap, preset_name=self.preset_name, model_path=self.path,
+            stats_path=self.stats_path, cache_root=cache_root, train=[triple(i) for i in train_ids],
+            val=[triple(i) for i in val_ids], opts=opts, device=device, stats=stats,
+        )
 
-        net = build_network(self.cfg, self.labelmap.num_classes)
-        current = self.path.exists()
-        if current and not opts.from_scratch:
-            net.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True)["state_dict"])
-        net.to(device)
 
-        patch = effective_patch(self.cfg.training.patch_size, [c.image.shape for c in train])
-        sampler = CropSampler(train, patch, class_weights(self.cfg, self.labelmap),
-                              self.cfg.training.crop_background_weight, seed=self.cfg.training.seed)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-        optim = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate, weight_decay=self.cfg.training.weight_decay)
-        iters = opts.iterations_per_epoch or max(1, math.ceil(len(train) / opts.batch_size))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.max_epochs * iters)
-        use_amp = device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+# ---- the training loop (one process, or one DDP rank) -----------------------------------------
 
-        baseline = self._validate(self._published_net(device), val, device) if current else None
-        stats.update(baseline_metric=baseline, total_epochs=opts.max_epochs, patch=list(patch))
-        best_metric, best_state, best_epoch = -1.0, None, 0
-        n_iter, t_train = 0, time.time()
-        for epoch in range(1, opts.max_epochs + 1):
-            net.train()
-            t_epoch, losses = time.time(), []
-            for _ in range(iters):
-                x, y = sampler.sample(opts.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optim.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=use_amp):
-                    loss = loss_fn(net(x), y)
-                scaler.scale(loss).backward()
-                scaler.step(optim)
-                scaler.update()
-                sched.step()
-                losses.append(float(loss.detach()))
-                n_iter += 1
-            stats.update(epoch=epoch, loss=round(float(np.mean(losses)), 4),
-                         epoch_time_s=round(time.time() - t_epoch, 3),
-                         iterations_per_s=round(n_iter / (time.time() - t_train), 3))
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fit_worker(rank: int, world: int, port: int, plan: FitPlan) -> None:
+    """A DDP rank: joins the process group, trains its share; rank 0 validates and publishes."""
+    backend = "nccl" if plan.device == "cuda" else "gloo"
+    if plan.device == "cpu":
+        # ranks share the cores instead of each grabbing all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fit(plan, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Fine-tune, validate each ``val_every`` epochs on rank 0, and publish the best model if not worse.
+
+    Returns:
+        On rank 0, the stats (``published``, ``best_metric``, ``baseline_metric``, speed...);
+        the same dict is written to ``plan.stats_path``. Other ranks return ``{}``.
+    """
+    opts, cfg, stats = plan.opts, plan.cfg, dict(plan.stats)
+    lead = rank == 0
+    device = torch.device(f"cuda:{rank}" if plan.device == "cuda" and world > 1 else plan.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.training.seed)  # same initial weights on every rank (from_scratch)
+    write = (lambda: write_json_atomic(plan.stats_path, stats)) if lead else (lambda: None)
+
+    preset = cfg.preset(plan.preset_name)
+    cache = CaseCache(plan.cache_root, cfg, preset, plan.labelmap)
+    train = [cache.get(*t) for t in plan.train]
+    val = [cache.get(*t) for t in plan.val] if lead else []
+
+    net = build_network(cfg, plan.labelmap.num_classes)
+    current = plan.model_path.exists()
+    if current and not opts.from_scratch:
+        net.load_state_dict(_load_state(plan.model_path))
+    net.to(device)
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    patch = effective_patch(cfg.training.patch_size, [c.image.shape for c in train])
+    # Each rank draws its own crops; DDP averages the gradients (effective batch = batch x ranks).
+    sampler = CropSampler(train, patch, class_weights(cfg, plan.labelmap), cfg.training.crop_background_weight,
+                          seed=cfg.training.seed + rank)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    optim = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate, weight_decay=cfg.training.weight_decay)
+    iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))
+    iters = max(1, math.ceil(iters / world))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.max_epochs * iters)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    baseline = None
+    if lead and current and val:
+        baseline = validate(_published_net(plan, device), val, plan, device)
+    stats.update(baseline_metric=None if baseline is None else round(baseline, 4), total_epochs=opts.max_epochs,
+                 iterations_per_epoch=iters, patch=list(patch), batch_size=opts.batch_size * world)
+    write()
+    best_metric, best_state, best_epoch = -1.0, None, 0
+    n_iter, t_train, t_written = 0, time.time(), time.time()
+    total_iters = opts.max_epochs * iters
+    for epoch in range(1, opts.max_epochs + 1):
+        model.train()
+        t_epoch, losses = time.time(), []
+        for _ in range(iters):
+            x, y = sampler.sample(opts.batch_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optim.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optim)
+            scaler.update()
+            sched.step()
+            losses.append(float(loss.detach()))
+            n_iter += 1
+            if lead and time.time() - t_written > _STATS_EVERY_S:
+                stats.update(epoch=epoch - 1, progress=round(n_iter / total_iters, 4), loss=round(float(np.mean(losses)), 4))
+                write()
+                t_written = time.time()
+        stats.update(epoch=epoch, progress=round(n_iter / total_iters, 4), loss=round(float(np.mean(losses)), 4),
+                     epoch_time_s=round(time.time() - t_epoch, 3),
+                     iterations_per_s=round(n_iter / (time.time() - t_train), 3))
+        if lead:
             if val and (epoch % opts.val_every == 0 or epoch == opts.max_epochs):
-                metric = self._validate(net, val, device)
+                metric = validate(net, val, plan, device)
                 if metric >= best_metric:
                     best_metric, best_epoch = metric, epoch
                     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
                 stats.update(best_metric=round(best_metric, 4), best_epoch=best_epoch, val_metric=round(metric, 4))
             elif not val:
                 best_state, best_epoch = {k: v.detach().cpu() for k, v in net.state_dict().items()}, epoch
-            self._write(stats)
+            write()
+            t_written = time.time()
             logger.info(f"epoch {epoch}/{opts.max_epochs} loss {stats['loss']} val {stats.get('val_metric')}")
+    if not lead:
+        return {}
 
-        publishable = best_state is not None and (baseline is None or (val and best_metric >= baseline))
-        if publishable:
-            meta = {
-                "labels": self.labelmap.names,
-                "preset": self.preset_name,
-                "spacing_mm": list(self.preset.spacing_mm),
-                "val_metric": best_metric if val else None,
-                "val_ids": val_ids,
-                "train_size": len(train),
-                "epoch": best_epoch,
-                "published_ts": time.time(),
-                "summary": f"val mean Dice {best_metric:.4f} on {len(val)} scans, {len(train)} training scans",
-            }
-            publish(best_state, meta, self.path)
-            logger.info(f"published {self.path}: {meta['summary']}")
-        else:
-            logger.info(f"kept the current model: new {best_metric:.4f} < current {baseline:.4f}")
-        return {"published": bool(publishable), "best_metric": round(best_metric, 4) if val else None}
+    publishable = best_state is not None and (baseline is None or (bool(val) and best_metric >= baseline))
+    if publishable:
+        meta = {
+            "labels": plan.labelmap.names,
+            "preset": plan.preset_name,
+            "spacing_mm": list(preset.spacing_mm),
+            "val_metric": best_metric if val else None,
+            "val_ids": [v[0] for v in plan.val],
+            "train_size": len(plan.train),
+            "epoch": best_epoch,
+            "published_ts": time.time(),
+            "summary": f"val mean Dice {best_metric:.4f} on {len(val)} scans, {len(plan.train)} training scans",
+        }
+        publish(best_state, meta, plan.model_path)  # type: ignore[arg-type]
+        logger.info(f"published {plan.model_path}: {meta['summary']}")
+    else:
+        logger.info(f"kept the current model: new {best_metric:.4f} < current {baseline}")
+    stats.update(published=bool(publishable), best_metric=round(best_metric, 4) if val else None,
+                 train_time_s=round(time.time() - t_train, 2))
+    write()
+    return stats
 
-    def _published_net(self, device: torch.device) -> torch.nn.Module:
-        net = build_network(self.cfg, self.labelmap.num_classes)
-        net.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True)["state_dict"])
-        return net.to(device)
 
-    def _validate(self, net: torch.nn.Module, cases: list[CachedCase], device: torch.device) -> float:
-        """Mean Dice over validation scans at the network's grid (lib.metrics, as evaluate.py)."""
-        if not cases:
-            return float("nan")
-        seg = Segmenter(self.cfg, self.labelmap, self.preset_name, self.path, str(device))
-        net.eval()
-        scores = []
-        for case in cases:
-            x = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None, None]
-            pred = seg.predict_logits(x, net).argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-            m = mean_dice(pred, np.asarray(case.label), self.labelmap)["mean"]
-            scores.append(0.0 if np.isnan(m) else m)
-        return float(np.mean(scores))
+def _published_net(plan: FitPlan, device: torch.device) -> torch.nn.Module:
+    net = build_network(plan.cfg, plan.labelmap.num_classes)
+    net.load_state_dict(_load_state(plan.model_path))
+    return net.to(device)
+
+
+def validate(net: torch.nn.Module, cases: list[CachedCase], plan: FitPlan, device: torch.device) -> float:
+    """Mean Dice over validation scans at the network's grid (lib.metrics, as evaluate.py)."""
+    if not cases:
+        return float("nan")
+    seg = Segmenter(plan.cfg, plan.labelmap, plan.preset_name, plan.model_path, str(device))
+    net.eval()
+    scores = []
+    for case in cases:
+        x = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None, None]
+        pred = seg.predict_logits(x, net).argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        m = mean_dice(pred, np.asarray(case.label), plan.labelmap)["mean"]
+        scores.append(0.0 if np.isnan(m) else m)
+    return float(np.mean(scores))

@@ -1,0 +1,90 @@
+"""scripts/batch_infer.py under ``torch.distributed.run`` with 2 gloo processes on the CPU, then resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib.labelmap import load_labelmap
+from lib.model_store import publish
+from lib.phantom import write_pants_tree
+from lib.segmenter import Segmenter, build_network
+from lib.settings import load_segmentation_config
+from lib.volume_io import load_volume
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "batch_infer.py"
+LM = load_labelmap()
+CFG = load_segmentation_config()
+
+
+def _run(args: list[str], torchrun: bool) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+        else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(SCRIPT), *args, "--no-progress"], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("batch")
+    write_pants_tree(base / "PanTS", 3, shape=(24, 24, 16), spacing=(3.0, 3.0, 3.0), n_test=1, seed=2)
+    torch.manual_seed(4)
+    weights = base / "segresnet_fast.pt"
+    publish(build_network(CFG, LM.num_classes).state_dict(), {"labels": LM.names, "summary": "test"}, weights)
+    return base, weights
+
+
+def test_two_gloo_ranks_share_the_scans_then_a_rerun_does_only_what_is_missing(pool) -> None:
+    base, weights = pool
+    out = base / "out"
+    args = ["--images", str(base / "PanTS"), "--out", str(out), "--preset", "fast", "--model", str(weights)]
+    proc = _run(args, torchrun=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 scans, 0 already done, 3 to do on 2 process(es)" in proc.stdout + proc.stderr
+
+    cases = ["PanTS_00000001", "PanTS_00000002", "PanTS_00000003"]  # the last one is the test split
+    scores = {c: json.loads((out / "scores" / f"{c}.json").read_text()) for c in cases}
+    assert {s["rank"] for s in scores.values()} == {0, 1}  # sharded: both ranks worked
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == cases
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)  # evaluate.py --scores reads case,score
+
+    # Same label map as the infer pipeline gives in this process.
+    ct = base / "PanTS" / "ImageTr" / cases[0] / "ct.nii.gz"
+    expected, _ = Segmenter(CFG, LM, "fast", weights).segment(load_volume(ct))
+    got = nib.load(out / "labels" / f"{cases[0]}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(got.dataobj), expected)
+    np.testing.assert_allclose(got.affine, nib.load(ct).affine, atol=1e-5)
+    ml = np.count_nonzero(expected == LM.id_of("pancreatic_lesion")) * 27 / 1000  # 3 mm voxels
+    assert scores[cases[0]]["lesion_ml"] == pytest.approx(ml, abs=1e-3)
+
+    # Interrupted run: one scan's score file never written. The rerun redoes only that scan.
+    (out / "scores" / f"{cases[1]}.json").unlink()
+    kept = {c: (out / "labels" / f"{c}.nii.gz").stat().st_mtime_ns for c in (cases[0], cases[2])}
+    proc = _run(args, torchrun=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 scans, 2 already done, 1 to do on 1 process(es)" in proc.stdout + proc.stderr
+    assert {c: (out / "labels" / f"{c}.nii.gz").stat().st_mtime_ns for c in kept} == kept
+    assert (out / "scores" / f"{cases[1]}.json").is_file()
+    assert len(json.loads((out / "scores.json").read_text())) == 3
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files left
+
+
+def test_missing_weights_is_refused_naming_the_file(pool) -> None:
+    base, _ = pool
+    proc = _run(["--images", str(base / "PanTS"), "--out", str(base / "o2"), "--model", str(base / "none.pt"),
+                 "--preset", "fast"], torchrun=False)
+    assert proc.returncode != 0
+    assert "none.pt" in proc.stderr and "--allow-untrained" in proc.stderr

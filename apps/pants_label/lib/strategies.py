@@ -151,13 +151,21 @@ class HybridStrategy(LeasingStrategy):
         )
         self.fallback = ForegroundRandom(cfg, seed)
         self.fallback.rng = self.fallback.random.rng = self.rng
+        self._groups: tuple[float, dict[str | None, int]] = (-1e18, {})
+
+    def _pool_groups(self, datastore: Any, now: float) -> dict[str | None, int]:
+        # The pool's center/phase mix only moves when scoring runs: a group-by over 36k rows
+        # per request is not needed; refresh it every 30 s.
+        if now - self._groups[0] > 30.0:
+            self._groups = (now, datastore.score_groups())
+        return self._groups[1]
 
     def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
         rows = datastore.top_scored("priority", now, self.cfg.candidates)
         if not rows:
             return self.fallback.select(datastore, now, name)
         refs = datastore.reference_scores(now, self.cfg.max_reference)
-        k, parts = hybrid_choice(rows, refs, datastore.score_groups(), self.cfg)
+        k, parts = hybrid_choice(rows, refs, self._pool_groups(datastore, now), self.cfg)
         return rows[k][0], "hybrid", {"components": parts, "model_version": rows[k][1]}
 
 

@@ -102,6 +102,17 @@ def _count_rows(specs: list) -> int:
     return sum(len(read_rows(s.folder / "rounds.csv")) for s in specs)
 
 
+def _run_parallel(specs: list, jobs: int, threads: int, bar) -> None:
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        futures = [ex.submit(_run_one, s, threads) for s in specs]
+        while not all(f.done() for f in futures):
+            time.sleep(2)
+            bar.n = _count_rows(specs)
+            bar.refresh()
+        for f in futures:
+            f.result()  # re-raise a campaign's error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
@@ -120,14 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     bar = tqdm(total=total, desc="rounds", unit="round", initial=_count_rows(specs))
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
-        futures = [ex.submit(_run_one, s, threads) for s in specs]
-        while not all(f.done() for f in futures):
-            time.sleep(2)
-            bar.n = _count_rows(specs)
-            bar.refresh()
-        for f in futures:
-            f.result()  # re-raise a campaign's error
+    if args.jobs <= 1:  # in this process: the bar moves per round
+        import torch
+
+        from lib.al_campaign import run_campaign
+
+        torch.set_num_threads(threads)
+        for s in specs:
+            run_campaign(s, on_round=lambda: bar.update(1))
+    else:
+        _run_parallel(specs, args.jobs, threads, bar)
     bar.n = _count_rows(specs)
     bar.close()
 

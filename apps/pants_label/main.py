@@ -19,22 +19,26 @@ if _APP_DIR not in sys.path:
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402
+from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
+from lib.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
 from lib.labelmap import load_labelmap  # noqa: E402
 from lib.model_store import model_path  # noqa: E402
 from lib.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
 from lib.segmenter import Segmenter, default_threads  # noqa: E402
 from lib.settings import AppSettings, load_segmentation_config  # noqa: E402
-from lib.strategies import RandomUnlabeled  # noqa: E402
+from lib.scoring import STATUS_NAME, ModelWatcher, PanTSScoring, StatusFile  # noqa: E402
+from lib.strategies import make_strategies  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 MODEL = "segmentation"
+SCORING = "pants_uncertainty"
 
 
 class PanTSLabelApp(MONAILabelApp):
@@ -44,6 +48,7 @@ class PanTSLabelApp(MONAILabelApp):
         self.settings = AppSettings.from_conf(conf)
         self.labelmap = load_labelmap()
         self.seg_config = load_segmentation_config()
+        self.al_config = load_al_config(self.settings.al_config or DEFAULT_AL_CONFIG).check_labels(self.labelmap)
         self.device = self.settings.resolved_device()
         self.preset = self.settings.resolved_preset()
         self.model_dir = Path(self.settings.model_dir or os.path.join(app_dir, "model")).resolve()
@@ -59,6 +64,10 @@ class PanTSLabelApp(MONAILabelApp):
             version="1.0",
             labels=self.labelmap.labels_dict(),
         )
+        # Scoring runs at start and when a new model is published (ModelWatcher), not after
+        # every next-sample request as MONAI Label's default would (a subprocess per request).
+        self._auto_update_scoring = False
+        self._watcher: ModelWatcher | None = None
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -105,7 +114,29 @@ class PanTSLabelApp(MONAILabelApp):
         }
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": RandomUnlabeled()}
+        return dict(make_strategies(self.al_config.strategies))
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        segmenter = Segmenter(
+            self.seg_config, self.labelmap, self.preset, model_path(self.model_dir, self.preset), self.device
+        )
+        return {SCORING: PanTSScoring(segmenter, self.al_config)}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        path = model_path(self.model_dir, self.preset)
+        self._watcher = ModelWatcher(path, self.al_config.scoring.watch_interval_s, self._start_scoring).start()
+
+    def _start_scoring(self, version: str | None) -> bool:
+        """Background scoring (a MONAI Label scoring task); False if one is already running."""
+        if version is None and not self.al_config.scoring.score_untrained:
+            return True  # nothing to score with yet; act again when a model appears
+        from monailabel.utils.async_tasks.task import AsyncTask
+
+        res, detail = AsyncTask.run("scoring", request={"method": SCORING}, enqueue=False)
+        if res is None:
+            logger.info(f"scoring not started: {detail}")
+        return res is not None
 
     # ---- auto-retrain (server process only: training subprocesses never start the scheduler)
     def on_init_complete(self) -> None:
@@ -135,4 +166,17 @@ class PanTSLabelApp(MONAILabelApp):
         info["preset"] = self.preset
         info["device"] = self.device
         info["label_colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
+        info["active_learning"] = self._al_status()
         return info
+
+    def _al_status(self) -> dict[str, Any]:
+        ds = self.datastore()
+        state_dir = getattr(ds, "state_dir", None)
+        if state_dir is None:
+            return {}
+        return {
+            "scoring": StatusFile(Path(state_dir) / STATUS_NAME).read(),
+            "scored": ds.index.count_scores(),
+            "leases": len(ds.active_leases()),
+            "lease_minutes": self.al_config.strategies.lease_minutes,
+        }

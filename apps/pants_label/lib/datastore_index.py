@@ -11,6 +11,8 @@ Tables:
     labels    every label version ever stored (history); ``path`` NULL marks a removal
     current   the live version per (image, tag); a row exists only when a label is live
     imported  the consolidation cache of the PanTS per-structure masks (tag ``pants``)
+    scores    active-learning scores per scan and the model version that produced them
+    leases    scans handed to an annotator: withheld from other next-sample requests until expiry
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: scores, leases (added tables only; a version-1 index upgrades in place)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,7 +73,32 @@ CREATE TABLE IF NOT EXISTS imported (
     ts        REAL,
     info      TEXT NOT NULL DEFAULT '{}'
 );
+CREATE INDEX IF NOT EXISTS images_revealed ON images (revealed) WHERE revealed = 1;
+CREATE TABLE IF NOT EXISTS scores (
+    image_id      TEXT PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    uncertainty   REAL NOT NULL,           -- class-stratified predictive entropy
+    lesion_prob   REAL NOT NULL,           -- predicted probability that the scan has a lesion
+    priority      REAL NOT NULL,           -- hybrid base score (uncertainty and lesion probability)
+    grp           TEXT,                    -- center | contrast phase, for balance
+    embedding     BLOB,                    -- float16 unit vector, for diversity
+    ts            REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scores_uncertainty ON scores (uncertainty);
+CREATE INDEX IF NOT EXISTS scores_lesion ON scores (lesion_prob);
+CREATE INDEX IF NOT EXISTS scores_priority ON scores (priority);
+CREATE INDEX IF NOT EXISTS scores_grp ON scores (grp);
+CREATE TABLE IF NOT EXISTS leases (
+    image_id  TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    strategy  TEXT NOT NULL,
+    ts        REAL NOT NULL,
+    expires   REAL NOT NULL
+);
 """
+
+#: score columns a strategy may rank by
+SCORE_COLUMNS = ("uncertainty", "lesion_prob", "priority")
 
 
 def _json_default(obj: Any) -> Any:
@@ -252,10 +279,20 @@ class Index:
         )
 
     def unlabeled_with_value(
-        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, json_path: str
+        self,
+        splits: Sequence[str],
+        tags: Sequence[str],
+        imported_tag: str,
+        hide_imported: bool,
+        json_path: str,
+        unleased_at: float | None = None,
     ) -> list[tuple[str, Any]]:
-        """``[(id, info at json_path)]`` of unlabeled images, one query (next-sample strategies)."""
+        """``[(id, info at json_path)]`` of unlabeled images, one query (next-sample strategies).
+
+        With ``unleased_at`` (a time), scans under a lease live at that time are left out.
+        """
         where, args = self._label_filter(tags, imported_tag, hide_imported, False)
+        where, args = _and_unleased(where, args, unleased_at)
         q = (
             "SELECT i.id, json_extract(i.info, ?) FROM images i "
             f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
@@ -274,9 +311,11 @@ class Index:
         imported_tag: str,
         hide_imported: bool,
         json_path: str,
+        unleased_at: float | None = None,
     ) -> tuple[str, Any] | None:
         """``(id, info at json_path)`` if the image at ``rowid`` is served and unlabeled, else None."""
         where, args = self._label_filter(tags, imported_tag, hide_imported, False)
+        where, args = _and_unleased(where, args, unleased_at)
         q = (
             "SELECT i.id, json_extract(i.info, ?) FROM images i "
             f"WHERE i.rowid = ? AND i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
@@ -421,6 +460,133 @@ class Index:
             out[image_id] = json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
         return out
 
+    # ---- active learning: scores and leases ----------------------------------------------------
+    def store_scores(self, rows: Sequence[dict[str, Any]], info_key: str) -> list[str]:
+        """Upsert score rows and merge each one's summary into image info under ``info_key``.
+
+        Each row: ``image_id, model_version, uncertainty, lesion_prob, priority, grp, embedding
+        (bytes or None), ts, info (dict for image info)``. One transaction. Returns unknown ids.
+        """
+        missing = []
+        with self.write() as db:
+            for r in rows:
+                got = db.execute("SELECT info FROM images WHERE id = ?", (r["image_id"],)).fetchone()
+                if got is None:
+                    missing.append(r["image_id"])
+                    continue
+                db.execute(
+                    "INSERT INTO scores (image_id, model_version, uncertainty, lesion_prob, priority, grp, embedding, ts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO UPDATE SET "
+                    "model_version = excluded.model_version, uncertainty = excluded.uncertainty, "
+                    "lesion_prob = excluded.lesion_prob, priority = excluded.priority, grp = excluded.grp, "
+                    "embedding = excluded.embedding, ts = excluded.ts",
+                    (r["image_id"], r["model_version"], float(r["uncertainty"]), float(r["lesion_prob"]),
+                     float(r["priority"]), r.get("grp"), r.get("embedding"), float(r["ts"])),
+                )
+                merged = loads(got[0])
+                merged[info_key] = r.get("info", {})
+                db.execute("UPDATE images SET info = ? WHERE id = ?", (dumps(merged), r["image_id"]))
+        return missing
+
+    def score_versions(self, image_ids: Sequence[str]) -> dict[str, str]:
+        """``{id: model_version}`` of the given scans that have a score."""
+        out: dict[str, str] = {}
+        ids = list(image_ids)
+        for k in range(0, len(ids), 500):
+            part = ids[k : k + 500]
+            q = f"SELECT image_id, model_version FROM scores WHERE image_id IN ({_marks(part)})"
+            out.update(dict(self.conn().execute(q, tuple(part))))
+        return out
+
+    def count_scores(self, model_version: str | None = None) -> int:
+        if model_version is None:
+            return int(self.conn().execute("SELECT COUNT(*) FROM scores").fetchone()[0])
+        q = "SELECT COUNT(*) FROM scores WHERE model_version = ?"
+        return int(self.conn().execute(q, (model_version,)).fetchone()[0])
+
+    def top_scored(
+        self,
+        column: str,
+        splits: Sequence[str],
+        tags: Sequence[str],
+        imported_tag: str,
+        hide_imported: bool,
+        now: float,
+        limit: int,
+    ) -> list[tuple]:
+        """Unlabeled, unleased served scans with the highest ``column`` score, best first.
+
+        Rows: ``(id, model_version, uncertainty, lesion_prob, priority, grp, embedding)``. The
+        walk follows the score's index, so the cost depends on ``limit``, not the pool size.
+        """
+        if column not in SCORE_COLUMNS:
+            raise ValueError(f"unknown score column {column!r}; choose one of {SCORE_COLUMNS}")
+        where, args = self._label_filter(tags, imported_tag, hide_imported, False)
+        where, args = _and_unleased(where, args, now)
+        q = (
+            "SELECT s.image_id, s.model_version, s.uncertainty, s.lesion_prob, s.priority, s.grp, s.embedding "
+            f"FROM scores s INDEXED BY scores_{'lesion' if column == 'lesion_prob' else column} "
+            "JOIN images i ON i.id = s.image_id "
+            f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where} "
+            f"ORDER BY s.{column} DESC LIMIT ?"
+        )
+        return list(self.conn().execute(q, (*splits, *args, int(limit))))
+
+    def reference_scores(
+        self, tags: Sequence[str], imported_tag: str, hide_imported: bool, now: float, limit: int
+    ) -> list[tuple[str, str | None, bytes | None]]:
+        """``(id, grp, embedding)`` of scored scans that are labeled or under a live lease.
+
+        Built from the small sets (live labels, revealed scans, leases), not a pass over the pool.
+        """
+        real = [t for t in tags if t != imported_tag]
+        parts, args = [], []
+        if real:
+            parts.append(f"SELECT image_id AS id FROM current WHERE tag IN ({_marks(real)})")
+            args.extend(real)
+        if imported_tag in tags:
+            if hide_imported:
+                parts.append("SELECT id FROM images WHERE revealed = 1 AND mask_dir IS NOT NULL")
+            else:
+                parts.append("SELECT id FROM images WHERE mask_dir IS NOT NULL")
+        parts.append("SELECT image_id AS id FROM leases WHERE expires > ?")
+        args.append(now)
+        q = (
+            f"SELECT s.image_id, s.grp, s.embedding FROM ({' UNION '.join(parts)}) r "
+            "JOIN scores s ON s.image_id = r.id LIMIT ?"
+        )
+        return list(self.conn().execute(q, (*args, int(limit))))
+
+    def score_groups(self) -> dict[str | None, int]:
+        """Scored scans per balance group (center | phase)."""
+        return dict(self.conn().execute("SELECT grp, COUNT(*) FROM scores INDEXED BY scores_grp GROUP BY grp"))
+
+    def try_lease(self, image_id: str, client_id: str, strategy: str, now: float, expires: float) -> bool:
+        """Take the lease of a scan unless another live lease holds it (atomic)."""
+        with self.write() as db:
+            cur = db.execute(
+                "INSERT INTO leases (image_id, client_id, strategy, ts, expires) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(image_id) DO UPDATE SET client_id = excluded.client_id, strategy = excluded.strategy, "
+                "ts = excluded.ts, expires = excluded.expires WHERE leases.expires <= ?",
+                (image_id, client_id, strategy, now, expires, now),
+            )
+            return cur.rowcount > 0
+
+    def release_leases(self, image_ids: Iterable[str], db: sqlite3.Connection | None = None) -> int:
+        sql = "DELETE FROM leases WHERE image_id = ?"
+        if db is not None:
+            return db.executemany(sql, ((i,) for i in image_ids)).rowcount
+        with self.write() as w:
+            return w.executemany(sql, ((i,) for i in image_ids)).rowcount
+
+    def leases(self, now: float) -> list[tuple[str, str, str, float, float]]:
+        """Live leases ``(id, client_id, strategy, ts, expires)``, oldest first (expired rows are ignored)."""
+        return list(
+            self.conn().execute(
+                "SELECT image_id, client_id, strategy, ts, expires FROM leases WHERE expires > ? ORDER BY ts", (now,)
+            )
+        )
+
     # ---- imported (PanTS masks) cache ---------------------------------------------------------
     def imported_row(self, image_id: str) -> tuple | None:
         """``(signature, path, ts, info)`` or None."""
@@ -461,10 +627,19 @@ class Index:
         return [r[0] for r in self.conn().execute("SELECT id FROM images WHERE revealed = 1 ORDER BY id")]
 
 
+def _and_unleased(where: str, args: list[Any], at: float | None) -> tuple[str, list[Any]]:
+    if at is None:
+        return where, args
+    return (
+        f"{where} AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.image_id = i.id AND l.expires > ?)",
+        [*args, at],
+    )
+
+
 def _marks(seq: Sequence[Any]) -> str:
     if not seq:
         return "NULL"  # `x IN (NULL)` matches nothing
     return ", ".join("?" * len(seq))
 
 
-__all__ = ["Index", "dumps", "loads", "SCHEMA_VERSION"]
+__all__ = ["Index", "dumps", "loads", "SCHEMA_VERSION", "SCORE_COLUMNS"]

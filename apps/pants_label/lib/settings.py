@@ -141,6 +141,7 @@ class AppSettings(_Frozen):
     max_upload_mb: int = Field(1024, ge=1)
     model_dir: str | None = Field(None, description="folder of published weights; default <app>/model")
     datastore_dir: str | None = Field(None, description="writable index/labels folder; default <studies>/.pants_label")
+    al_config: str | None = Field(None, description="active-learning config file; default configs/active_learning.yaml")
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> "AppSettings":

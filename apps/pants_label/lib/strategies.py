@@ -1,34 +1,234 @@
-"""Next-sample strategies. ``random`` matches MONAI Label's Random, answered by one index query."""
+"""Next-sample strategies, all lease-aware: concurrent annotators never get the same scan.
+
+A served scan is *leased* to the asking client for ``lease_minutes``; other requests skip it
+until the lease expires or a ``final`` label is saved for it. Selection and lease happen under
+one lock per process, and the lease itself is an atomic insert in the index, so two server
+threads (or processes) cannot hand out the same scan.
+
+Strategies and their fallback order when scores are missing (documented in README):
+
+``random``       an unlabelled scan, weighted by time since this strategy last served it
+                 (MONAI Label's Random, answered by one index query).
+``random_fg``    foreground-aware random: with probability ``fg_fraction`` a draw from the
+                 ``fg_pool`` scans with the highest predicted lesion probability, weighted by it;
+                 otherwise (or with no scores) ``random``.
+``uncertainty``  the scan with the highest class-aware uncertainty; with no scores, ``random_fg``.
+``hybrid``       (default) among the top ``candidates`` by priority (uncertainty raised by lesion
+                 probability), the best sum of uncertainty, diversity (distance to the nearest
+                 labelled or leased scan in embedding space, k-center) and center/phase balance;
+                 with no scores, ``random_fg``.
+
+Scores from an older model still rank scans until the background scorer refreshes them.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 from typing import Any
 
+import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.al_config import StrategyConfig
+
 logger = logging.getLogger(__name__)
 
+#: one selection + lease at a time in this process (the lease insert is atomic across processes)
+_SELECT_LOCK = threading.Lock()
 
-class RandomUnlabeled(Strategy):
-    """A random unlabelled scan, favouring those this strategy has not served recently."""
 
-    def __init__(self) -> None:
-        super().__init__("Random unlabelled scan (least recently served first, weighted)")
+def _embedding(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+
+
+class LeasingStrategy(Strategy):
+    """Base class: picks with :meth:`select`, then leases the pick to the client."""
+
+    name = "base"
+
+    def __init__(self, description: str, cfg: StrategyConfig | None = None, seed: int | None = None) -> None:
+        super().__init__(description)
+        self.cfg = cfg or StrategyConfig()
+        self.rng = np.random.default_rng(seed)
+
+    def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
+        """``(scan id or None, how it was chosen, extra answer fields)``; leased scans excluded."""
+        raise NotImplementedError
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        name = request.get("strategy", "random")
-        pick = getattr(datastore, "sample_random_unlabeled", None)
-        if pick is not None:
-            hit = pick(strategy=name)
-        else:  # a datastore without the fast path (e.g. DICOMweb): MONAI Label's own Random
+        name = request.get("strategy") or self.name
+        if not hasattr(datastore, "lease"):  # e.g. DICOMweb: MONAI Label's own Random, no leases
             from monailabel.tasks.activelearning.random import Random
 
             return Random()(request, datastore)
+        client = str(request.get("client_id") or "anonymous")
+        seconds = self.cfg.lease_minutes * 60.0
+        with _SELECT_LOCK:
+            for _ in range(16):
+                now = time.time()
+                pick, how, extra = self.select(datastore, now, name)
+                if pick is None:
+                    logger.info("%s: no unlabelled, unleased scan left", name)
+                    return {}
+                if datastore.lease(pick, client, name, seconds, now=now):
+                    break
+                # another process leased it between the query and the insert: choose again
+            else:
+                return {}
+        return {"id": pick, "strategy": name, "selected_by": how, "lease_expires": int(now + seconds), **extra}
+
+
+class RandomUnlabeled(LeasingStrategy):
+    """A random unlabelled scan, favouring those this strategy has not served recently."""
+
+    name = "random"
+
+    def __init__(self, cfg: StrategyConfig | None = None, seed: int | None = None) -> None:
+        super().__init__("Random unlabelled scan (least recently served first, weighted)", cfg, seed)
+
+    def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
+        hit = datastore.sample_random_unlabeled(strategy=name, rng=self.rng, unleased_at=now)
         if not hit:
-            logger.info("no unlabelled scans left")
-            return {}
-        datastore.update_image_info(hit["id"], {"strategy": {name: {"ts": int(time.time()), "client_id": request.get("client_id", "user-xyz")}}})
-        return {"id": hit["id"], "weight": hit["weight"]}
+            return None, "random", {}
+        return hit["id"], "random", {"weight": hit["weight"]}
+
+
+class ForegroundRandom(LeasingStrategy):
+    """Foreground-aware random: favours scans the model thinks hold a lesion (nnActive's baseline)."""
+
+    name = "random_fg"
+
+    def __init__(self, cfg: StrategyConfig | None = None, seed: int | None = None) -> None:
+        super().__init__(
+            "Foreground-aware random: part of the draws among scans with high predicted lesion probability",
+            cfg, seed,
+        )
+        self.random = RandomUnlabeled(cfg, seed)
+        self.random.rng = self.rng
+
+    def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
+        if self.rng.random() < self.cfg.fg_fraction:
+            rows = datastore.top_scored("lesion_prob", now, self.cfg.fg_pool)
+            if rows:
+                w = np.array([max(r[3], 0.0) for r in rows], dtype=np.float64) + 1e-6
+                k = int(self.rng.choice(len(rows), p=w / w.sum()))
+                return rows[k][0], "foreground", {"lesion_prob": round(float(rows[k][3]), 4)}
+        return self.random.select(datastore, now, name)
+
+
+class UncertaintyStrategy(LeasingStrategy):
+    """The unlabelled scan with the highest class-aware uncertainty."""
+
+    name = "uncertainty"
+
+    def __init__(self, cfg: StrategyConfig | None = None, seed: int | None = None) -> None:
+        super().__init__("Highest class-stratified uncertainty (falls back to random_fg without scores)", cfg, seed)
+        self.fallback = ForegroundRandom(cfg, seed)
+        self.fallback.rng = self.fallback.random.rng = self.rng
+
+    def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
+        rows = datastore.top_scored("uncertainty", now, 1)
+        if rows:
+            r = rows[0]
+            return r[0], "uncertainty", {"uncertainty": round(float(r[2]), 5), "model_version": r[1]}
+        return self.fallback.select(datastore, now, name)
+
+
+class HybridStrategy(LeasingStrategy):
+    """Class-aware uncertainty + diversity (k-center in embedding space) + center/phase balance."""
+
+    name = "hybrid"
+
+    def __init__(self, cfg: StrategyConfig | None = None, seed: int | None = None) -> None:
+        super().__init__(
+            "Default: class-aware uncertainty and lesion probability, diversity (k-center) and "
+            "balance across centers and contrast phases",
+            cfg, seed,
+        )
+        self.fallback = ForegroundRandom(cfg, seed)
+        self.fallback.rng = self.fallback.random.rng = self.rng
+        self._groups: tuple[float, dict[str | None, int]] = (-1e18, {})
+
+    def _pool_groups(self, datastore: Any, now: float) -> dict[str | None, int]:
+        # The pool's center/phase mix only moves when scoring runs: a group-by over 36k rows
+        # per request is not needed; refresh it every 30 s.
+        if now - self._groups[0] > 30.0:
+            self._groups = (now, datastore.score_groups())
+        return self._groups[1]
+
+    def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
+        rows = datastore.top_scored("priority", now, self.cfg.candidates)
+        if not rows:
+            return self.fallback.select(datastore, now, name)
+        refs = datastore.reference_scores(now, self.cfg.max_reference)
+        k, parts = hybrid_choice(rows, refs, self._pool_groups(datastore, now), self.cfg)
+        return rows[k][0], "hybrid", {"components": parts, "model_version": rows[k][1]}
+
+
+def hybrid_choice(
+    rows: list[tuple], refs: list[tuple], pool_groups: dict[str | None, int], cfg: StrategyConfig
+) -> tuple[int, dict[str, float]]:
+    """Index of the best candidate and its score components.
+
+    Args:
+        rows: candidates ``(id, version, uncertainty, lesion_prob, priority, grp, embedding)``.
+        refs: labelled/leased scans ``(id, grp, embedding)``.
+        pool_groups: scored scans per group (the pool's center/phase mix).
+    """
+    prio = np.array([r[4] for r in rows], dtype=np.float64)
+    u = prio / prio.max() if prio.max() > 0 else np.ones(len(rows))
+
+    dim = next((len(e) for e in (_embedding(r[6]) for r in rows) if e is not None), 0)
+    cand = np.stack([_embedding(r[6]) if r[6] is not None else np.zeros(dim, np.float32) for r in rows]) if dim else None
+    ref_list = [e for e in (_embedding(r[2]) for r in refs) if e is not None and len(e) == dim]
+    if cand is not None and ref_list:
+        ref = np.stack(ref_list)
+        # squared distance via dot products: (n_cand x n_ref) stays small (candidates x max_reference)
+        d2 = (cand**2).sum(1)[:, None] + (ref**2).sum(1)[None, :] - 2.0 * cand @ ref.T
+        d = np.sqrt(np.clip(d2.min(axis=1), 0, None))
+        d = d / d.max() if d.max() > 0 else np.zeros(len(rows))
+    else:
+        d = np.zeros(len(rows))
+
+    total = sum(pool_groups.values()) or 1
+    ref_groups = Counter(r[1] for r in refs)
+    n_ref = sum(ref_groups.values())
+    deficit = np.array(
+        [pool_groups.get(r[5], 0) / total - (ref_groups.get(r[5], 0) / n_ref if n_ref else 0.0) for r in rows]
+    )
+    scale = np.abs(deficit).max()
+    b = deficit / scale if scale > 0 else np.zeros(len(rows))
+
+    total_score = cfg.uncertainty_weight * u + cfg.diversity_weight * d + cfg.balance_weight * b
+    k = int(np.argmax(total_score))
+    return k, {
+        "uncertainty": round(float(u[k]), 4),
+        "diversity": round(float(d[k]), 4),
+        "balance": round(float(b[k]), 4),
+        "total": round(float(total_score[k]), 4),
+    }
+
+
+def make_strategies(cfg: StrategyConfig, seed: int | None = None) -> dict[str, LeasingStrategy]:
+    """All strategies, the default (``hybrid``) first."""
+    return {
+        "hybrid": HybridStrategy(cfg, seed),
+        "random": RandomUnlabeled(cfg, seed),
+        "random_fg": ForegroundRandom(cfg, seed),
+        "uncertainty": UncertaintyStrategy(cfg, seed),
+    }
+
+
+__all__ = [
+    "ForegroundRandom",
+    "HybridStrategy",
+    "LeasingStrategy",
+    "RandomUnlabeled",
+    "UncertaintyStrategy",
+    "hybrid_choice",
+    "make_strategies",
+]

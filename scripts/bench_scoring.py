@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Measure the active-learning scoring cost per scan on a full-size CT (512x512x300 by default).
+
+Writes (once, reused) a phantom CT of the given shape and spacing, then scores it ``--reps`` times
+with the app's scorer (``lib.scoring``, settings from ``configs/active_learning.yaml``) and the
+preset's network (random weights: the cost does not depend on them). Prints a table of the stage
+medians (load, pre, localize, uncertainty, total) and writes OUT/bench_scoring.csv.
+
+Examples
+  python scripts/bench_scoring.py --out /tmp/bench_scoring
+  python scripts/bench_scoring.py --out /tmp/bench_scoring --device cuda --preset full
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "apps" / "pants_label"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for the phantom CT and the CSV")
+    ap.add_argument("--shape", type=int, nargs=3, default=(512, 512, 300))
+    ap.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 1.25))
+    ap.add_argument("--preset", default="fast", help="segmentation preset (fast on CPU, full on GPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from lib.al_config import load_al_config
+    from lib.labelmap import load_labelmap
+    from lib.phantom import make_case, write_case
+    from lib.scoring import ScanScorer
+    from lib.segmenter import Segmenter, default_threads
+    from lib.settings import load_segmentation_config
+    from lib.volume_io import load_volume
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        default_threads()
+    out: Path = args.out
+    ct = out / f"ct_{'x'.join(map(str, args.shape))}.nii.gz"
+    if not ct.is_file():
+        print(f"writing a {tuple(args.shape)} phantom CT to {ct} (once)")
+        p = make_case(0, shape=args.shape, spacing=args.spacing, seed=0, lesion=True)
+        write_case(p, ct, out / "segmentations")
+    cfg, lm, al = load_segmentation_config(), load_labelmap(), load_al_config()
+    seg = Segmenter(cfg, lm, args.preset, out / "no_model.pt", args.device)  # random weights
+    scorer = ScanScorer(seg, al.scoring)
+    net = seg.network()
+    rows = []
+    for rep in range(args.reps + 1):  # the first run warms up (allocator, kernels) and is not counted
+        t0 = time.perf_counter()
+        vol = load_volume(ct)
+        t_load = time.perf_counter() - t0
+        s = scorer.score_volume(vol, net)
+        total = time.perf_counter() - t0
+        if rep:
+            rows.append({"load": t_load, **s.seconds, "total": total})
+        print(f"run {rep}{' (warm-up)' if not rep else ''}: {total:.2f} s {s.seconds} crop {s.crop_shape}")
+    keys = ["load", "pre", "localize", "uncertainty", "total"]
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
+    print()
+    print(f"scoring cost per scan, {tuple(args.shape)} CT at {tuple(args.spacing)} mm, preset {args.preset}, "
+          f"{args.device}, {torch.get_num_threads()} threads, {al.scoring.mc_samples} stochastic passes, "
+          f"localize at {al.scoring.localize_spacing_mm} mm, crop <= {al.scoring.max_crop_voxels}; median of {len(rows)}")
+    print(f"{'stage':<12} {'seconds':>8}")
+    for k in keys:
+        print(f"{k:<12} {med[k]:>8.2f}")
+    budget = al.scoring.cost_budget_s
+    print(f"budget {budget:.1f} s: {'met' if med['total'] <= budget else 'NOT met'}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_scoring.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: round(r[k], 3) for k in keys})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

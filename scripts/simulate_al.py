@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Active-learning campaign simulator: which strategy needs the fewest labelled scans?
+
+Replays annotation campaigns on any labelled pool in the PanTS layout (a real PanTS root or
+phantoms; ImageTr = the pool whose labels are hidden until "annotated", ImageTe = the held-out
+test split) with the app's own training (PanTSTrain), scoring (lib.scoring) and strategies
+(lib.strategies). Per strategy and seed: k seed scans, then rounds of train -> evaluate -> score
+-> select b -> reveal. A "full" run per seed trains on the whole pool with the same total
+training, the reference for "95% of full-pool DSC".
+
+Writes under OUT: runs/<strategy>_s<seed>/rounds.csv (one row per round, resumable: run the same
+command again after an interruption), al_rounds.csv (all rows), al_summary.csv (labels needed to
+reach 95% of the full-pool DSC, mean over classes and lesion), al_curves.png (learning curves,
+seeds as min-max bands).
+
+Example (the README result; about 40 min on 2 CPU cores):
+  python scripts/simulate_al.py --out out/al_sim --make-phantoms 48 --n-test 16 \\
+      --strategies hybrid random random_fg --seeds 0 1 2 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "apps" / "pants_label"))
+
+STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="results folder (re-run the same command to resume)")
+    ap.add_argument("--pool", type=Path, help="PanTS-layout root with labels (default OUT/pool, made with --make-phantoms)")
+    ap.add_argument("--make-phantoms", type=int, default=0, metavar="N", help="write N phantoms to the pool if it is missing")
+    ap.add_argument("--n-test", type=int, default=16, help="phantoms held out as the test split (ImageTe)")
+    ap.add_argument("--shape", type=int, nargs=3, default=(40, 40, 32), help="phantom array shape")
+    ap.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0), help="phantom voxel size, mm")
+    ap.add_argument("--phantom-seed", type=int, default=0)
+    ap.add_argument("--strategies", nargs="+", default=["hybrid", "random", "random_fg"], choices=STRATEGIES)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--initial", type=int, default=4, help="seed scans labelled before round 0")
+    ap.add_argument("--batch", type=int, default=4, help="scans selected per round")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds (training + evaluation) per campaign")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs per round")
+    ap.add_argument("--iterations", type=int, default=10, help="iterations per epoch")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--mc-samples", type=int, default=2, help="stochastic passes per scan when scoring")
+    ap.add_argument("--init-filters", type=int, default=0,
+                    help="network width for the simulation (0: presets.yaml); smaller is faster")
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="campaigns run in parallel (torch threads split between them)")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-pool reference runs")
+    return ap
+
+
+def _specs(args: argparse.Namespace) -> list:
+    from lib.al_campaign import CampaignSpec
+    from lib.al_config import load_al_config
+    from lib.settings import load_segmentation_config
+
+    al = load_al_config()
+    # Phantoms are small: localize at the model's own spacing (exact, and cheap at this size).
+    al = al.model_copy(update={"scoring": al.scoring.model_copy(update={"localize_spacing_mm": None,
+                                                                         "mc_samples": args.mc_samples})})
+    request = {"max_epochs": args.epochs, "iterations_per_epoch": args.iterations, "learning_rate": args.lr,
+               "batch_size": 2, "val_every": args.epochs}
+    seg_cfg = load_segmentation_config()
+    if args.init_filters:
+        seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
+    common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
+                  preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
+                  device=args.device)
+    names = list(args.strategies) + ([] if args.no_full else ["full"])
+    # seeds outermost: partial results cover every strategy early
+    return [CampaignSpec(strategy=s, seed=seed, **common) for seed in args.seeds for s in names]
+
+
+def _run_one(spec, threads: int) -> int:
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads)
+    from lib.al_campaign import run_campaign
+
+    return len(run_campaign(spec))
+
+
+def _count_rows(specs: list) -> int:
+    from lib.al_campaign import read_rows
+
+    return sum(len(read_rows(s.folder / "rounds.csv")) for s in specs)
+
+
+def _run_parallel(specs: list, jobs: int, threads: int, bar) -> None:
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        futures = [ex.submit(_run_one, s, threads) for s in specs]
+        while not all(f.done() for f in futures):
+            time.sleep(2)
+            bar.n = _count_rows(specs)
+            bar.refresh()
+        for f in futures:
+            f.result()  # re-raise a campaign's error
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.pool = args.pool or args.out / "pool"
+    if not (args.pool / "ImageTr").is_dir():
+        if not args.make_phantoms:
+            raise SystemExit(f"--pool {args.pool}: no ImageTr/ there; pass --make-phantoms N to create phantoms")
+        from lib.phantom import write_pants_tree
+
+        write_pants_tree(args.pool, args.make_phantoms, shape=args.shape, spacing=args.spacing,
+                         seed=args.phantom_seed, n_test=args.n_test, progress=True)
+    specs = _specs(args)
+    total = sum(1 if s.strategy == "full" else s.rounds for s in specs)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    bar = tqdm(total=total, desc="rounds", unit="round", initial=_count_rows(specs))
+    t0 = time.time()
+    if args.jobs <= 1:  # in this process: the bar moves per round
+        import torch
+
+        from lib.al_campaign import run_campaign
+
+        torch.set_num_threads(threads)
+        for s in specs:
+            run_campaign(s, on_round=lambda: bar.update(1))
+    else:
+        _run_parallel(specs, args.jobs, threads, bar)
+    bar.n = _count_rows(specs)
+    bar.close()
+
+    from lib.al_campaign import FIELDS, plot_curves, read_rows, summarize
+
+    rows = [r for s in specs for r in read_rows(s.folder / "rounds.csv")]
+    with open(args.out / "al_rounds.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows)
+    keys = ["strategy", "seeds", "full_pool_mean_dsc", "labels_to_95pct_mean_dsc", "final_mean_dsc",
+            "full_pool_lesion_dsc", "labels_to_95pct_lesion_dsc", "final_lesion_dsc",
+            "per_seed_mean_dsc", "per_seed_lesion_dsc"]
+    with open(args.out / "al_summary.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(summary)
+    plot_curves(rows, args.out / "al_curves.png")
+    rnd = next((r for r in summary if r["strategy"] == "random"), None)
+
+    def fmt(v: float) -> str:
+        return "never" if math.isinf(v) else f"{v:.1f}"
+
+    print(f"\n{len(specs)} campaigns in {time.time() - t0:.0f} s; labels to reach 95% of the full-pool value "
+          "(mean of seeds' curves)")
+    print(f"{'strategy':<12} {'mean DSC':>9} {'vs random':>10} {'lesion DSC':>11} {'vs random':>10}")
+    for r in summary:
+        ratio = []
+        for m in ("mean_dsc", "lesion_dsc"):
+            a = r[f"labels_to_95pct_{m}"]
+            b = rnd[f"labels_to_95pct_{m}"] if rnd else math.nan
+            ratio.append(f"{a / b:.0%}" if rnd and not math.isinf(a) and not math.isinf(b) and b else "-")
+        print(f"{r['strategy']:<12} {fmt(r['labels_to_95pct_mean_dsc']):>9} {ratio[0]:>10} "
+              f"{fmt(r['labels_to_95pct_lesion_dsc']):>11} {ratio[1]:>10}")
+    print(f"wrote {args.out / 'al_rounds.csv'}, {args.out / 'al_summary.csv'}, {args.out / 'al_curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

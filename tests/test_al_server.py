@@ -1,0 +1,149 @@
+"""Active learning behind the real server: background scoring, concurrent annotators, leases, new models."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.labelmap import load_labelmap
+from lib.model_store import model_path, publish
+from lib.phantom import write_pants_tree
+from lib.scoring import INFO_KEY, model_version
+from lib.segmenter import build_network
+from lib.settings import load_segmentation_config
+from server import Server
+
+pytestmark = pytest.mark.server
+
+N = 8
+STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
+AL_YAML = """
+scoring:
+  localize_spacing_mm: null
+  mc_samples: 2
+  watch_interval_s: 1.0
+strategies:
+  lease_minutes: 30
+"""
+
+
+def _publish(path: Path, seed: int) -> None:
+    cfg, lm = load_segmentation_config(), load_labelmap()
+    torch.manual_seed(seed)
+    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, path)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path, Path]]:
+    base = tmp_path_factory.mktemp("al_app")
+    root = base / "PanTS"
+    write_pants_tree(root, N, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=4)
+    model_dir = base / "model"
+    _publish(model_path(model_dir, "fast"), 0)
+    (base / "al.yaml").write_text(AL_YAML)
+    conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
+            "al_config": str(base / "al.yaml")}
+    server = Server(root, base / "server.log", conf=conf)
+    try:
+        yield server, root, model_dir
+    finally:
+        server.stop()
+
+
+def _info(server: Server) -> dict:
+    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
+
+
+def _wait_scored(server: Server, version: str, timeout: float = 420) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        al = _info(server)["active_learning"]
+        st = al.get("scoring", {})
+        if st.get("state") == "done" and st.get("model_version") == version:
+            return al
+        time.sleep(1)
+    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
+
+
+def test_info_lists_strategies_and_scoring(app) -> None:
+    info = _info(app[0])
+    assert set(STRATEGIES) <= set(info["strategies"])
+    assert list(info["strategies"])[0] == "hybrid"  # the default comes first
+    assert "pants_uncertainty" in info["scoring"]
+    assert "lease_minutes" in info["active_learning"]
+
+
+def test_background_scoring_at_start_puts_scores_in_image_info(app) -> None:
+    from monailabel.client import MONAILabelClient
+
+    server, root, model_dir = app
+    v1 = model_version(model_path(model_dir, "fast"))
+    al = _wait_scored(server, v1)
+    assert al["scored"] == N
+    listing = MONAILabelClient(server.url).datastore()
+    scores = listing["objects"]["PanTS_00000003"]["image"]["info"][INFO_KEY]
+    assert scores["model_version"] == v1 and 0 <= scores["uncertainty"] <= 1
+
+
+def test_concurrent_annotators_get_different_scans_from_every_strategy(app) -> None:
+    from monailabel.client import MONAILabelClient
+
+    server = app[0]
+    v1 = model_version(model_path(app[2], "fast"))
+    _wait_scored(server, v1)
+    got: dict[str, list[str]] = {s: [] for s in STRATEGIES}
+    errors: list[BaseException] = []
+
+    def annotator(strategy: str, k: int) -> None:
+        try:
+            res = MONAILabelClient(server.url, client_id=f"{strategy}-{k}").next_sample(strategy, {})
+            got[strategy].append(res["id"])
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=annotator, args=(s, k)) for s in STRATEGIES for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    served = [i for ids in got.values() for i in ids]
+    assert all(len(ids) == 2 for ids in got.values()), got
+    assert len(set(served)) == N == len(served)  # 8 requests at once, 8 different scans
+    # every scan is leased now: the next annotator gets an empty answer, not a duplicate
+    assert MONAILabelClient(server.url, client_id="late").next_sample("hybrid", {}) == {}
+    assert _info(server)["active_learning"]["leases"] == N
+
+
+def test_final_label_ends_lease_and_new_model_rescores(app, tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+    from monailabel.client import MONAILabelClient
+
+    server, root, model_dir = app
+    client = MONAILabelClient(server.url, client_id="saver")
+    leases_before = _info(server)["active_learning"]["leases"]
+    img = nib.load(root / "ImageTr" / "PanTS_00000001" / "ct.nii.gz")
+    label = np.zeros(img.shape, np.uint8)
+    label[8:14, 8:14, 5:9] = 14
+    f = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, img.affine), f)
+    client.save_label("PanTS_00000001", str(f), tag="final")
+    assert _info(server)["active_learning"]["leases"] == max(leases_before - 1, 0)
+
+    # A newly published model is noticed and only the unlabelled scans are rescored with it.
+    mp = model_path(model_dir, "fast")
+    _publish(mp, 1)
+    v2 = model_version(mp)
+    _wait_scored(server, v2)
+    objects = client.datastore()["objects"]
+    versions = {i: o["image"]["info"][INFO_KEY]["model_version"] for i, o in objects.items()}
+    assert versions["PanTS_00000001"] != v2  # labelled: not rescored
+    assert all(v == v2 for i, v in versions.items() if i != "PanTS_00000001")

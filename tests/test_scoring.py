@@ -1,0 +1,122 @@
+"""Scoring: class-stratified uncertainty, lesion probability, incremental rescoring, config checks."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.al_config import ActiveLearningConfig, ScoringConfig, load_al_config
+from lib.config_errors import ConfigError
+from lib.datastore import PanTSDatastore
+from lib.labelmap import load_labelmap
+from lib.model_store import model_path, publish
+from lib.phantom import write_pants_tree
+from lib.scoring import INFO_KEY, ModelWatcher, PanTSScoring, ScanScorer, model_version, run_scoring
+from lib.segmenter import Segmenter, build_network
+from lib.settings import load_segmentation_config
+
+LM = load_labelmap()
+CFG = load_segmentation_config()
+# small and quick: localize at the model's spacing, two stochastic passes
+AL = ActiveLearningConfig(scoring=ScoringConfig(localize_spacing_mm=None, mc_samples=2,
+                                                class_weights={"pancreatic_lesion": 4.0}))
+
+
+def _publish(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    publish(build_network(CFG, LM.num_classes).state_dict(), {"labels": LM.names}, path)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("score") / "PanTS"
+    write_pants_tree(root, 4, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=2)
+    return root
+
+
+def test_summary_weights_classes_not_voxels() -> None:
+    seg = Segmenter(CFG, LM, "fast", Path("/nonexistent.pt"))
+    c = LM.num_classes + 1
+    lid = LM.id_of("pancreatic_lesion")
+    p = torch.zeros(c, 10, 10, 10, dtype=torch.float64)
+    p[0] = 1.0  # confident background everywhere ...
+    p[:, :2, :2, :2] = 0.0
+    p[0, :2, :2, :2] = 0.5  # ... except 8 lesion voxels the model is unsure about
+    p[lid, :2, :2, :2] = 0.5
+    weighted = ScanScorer(seg, ScoringConfig(class_weights={"pancreatic_lesion": 4.0}))._summarize(p)
+    volume_mean = float((-(p * torch.log(p.clamp_min(1e-12))).sum(0) / torch.log(torch.tensor(float(c)))).mean())
+    score, per_class, lesion_prob = weighted
+    # the lesion's entropy counts fully, not diluted by 992 certain background voxels
+    assert score > 10 * volume_mean
+    assert per_class["pancreatic_lesion"] > 0.15
+    assert lesion_prob == pytest.approx(0.5)
+
+
+def test_scores_a_scan_within_bounds(pool: Path, tmp_path: Path) -> None:
+    mp = model_path(tmp_path, "fast")
+    _publish(mp, 0)
+    seg = Segmenter(CFG, LM, "fast", mp)
+    from lib.volume_io import load_volume
+
+    s = ScanScorer(seg, AL.scoring).score_volume(load_volume(pool / "ImageTr" / "PanTS_00000001" / "ct.nii.gz"))
+    assert 0.0 <= s.uncertainty <= 1.0 and 0.0 <= s.lesion_prob <= 1.0
+    assert float((s.embedding**2).sum()) == pytest.approx(1.0, abs=1e-4)
+    assert set(s.seconds) >= {"pre", "localize", "uncertainty"}
+    # MC dropout / flip passes are stochastic, but the net is left in eval mode afterwards
+    assert not any(m.training for m in seg.network().modules())
+
+
+def test_incremental_only_stale_unlabelled_scans_are_rescored(pool: Path, tmp_path: Path) -> None:
+    mp = model_path(tmp_path / "model", "fast")
+    ds = PanTSDatastore(pool, state_dir=tmp_path / "state", hide_imported_labels=True)
+    method = PanTSScoring(Segmenter(CFG, LM, "fast", mp), AL)
+    assert run_scoring(method, ds)["scored"] == 0  # no trained model: nothing to score
+    _publish(mp, 0)
+    v1 = model_version(mp)
+    assert run_scoring(method, ds)["scored"] == 4
+    info = ds.get_image_info("PanTS_00000002")[INFO_KEY]
+    assert info["model_version"] == v1 and 0 <= info["uncertainty"] <= 1 and "lesion_prob" in info
+    assert run_scoring(method, ds)["scored"] == 0  # nothing stale
+    ds.reveal_imported("PanTS_00000001")  # labelled now: never rescored
+    time.sleep(0.05)
+    _publish(mp, 1)
+    os.utime(mp, (time.time() + 5, time.time() + 5))  # a distinct mtime even on coarse clocks
+    v2 = model_version(mp)
+    assert v2 != v1
+    assert ds.scoring_todo(v2) == ["PanTS_00000002", "PanTS_00000003", "PanTS_00000004"]
+    assert run_scoring(method, ds)["scored"] == 3
+    assert ds.get_image_info("PanTS_00000001")[INFO_KEY]["model_version"] == v1
+    assert ds.get_image_info("PanTS_00000004")[INFO_KEY]["model_version"] == v2
+    status = method and (tmp_path / "state" / "scoring_status.json").read_text()
+    assert '"state": "done"' in status
+    ds.close()
+
+
+def test_watcher_retries_until_it_can_act(tmp_path: Path) -> None:
+    mp = tmp_path / "m.pt"
+    calls: list = []
+    answers = iter([False, True])
+    w = ModelWatcher(mp, 1.0, lambda v: calls.append(v) or next(answers, True))
+    w.tick()  # start: refused (e.g. scoring busy) ...
+    w.tick()  # ... so it tries again
+    w.tick()  # acted: no change, no call
+    mp.write_bytes(b"x")
+    w.tick()  # a new model
+    assert calls == [None, None, model_version(mp)]
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    assert load_al_config().scoring.mc_samples >= 1
+    bad = tmp_path / "al.yaml"
+    bad.write_text("scoring:\n  max_crop_voxels: [50, 48, 40]\n")
+    with pytest.raises(ConfigError, match="scoring.max_crop_voxels"):
+        load_al_config(bad)
+    bad.write_text("strategies:\n  leases_minutes: 5\n")
+    with pytest.raises(ConfigError, match="strategies.leases_minutes"):
+        load_al_config(bad)
+    with pytest.raises(ConfigError, match="pancreas_tale"):
+        ActiveLearningConfig(scoring=ScoringConfig(class_weights={"pancreas_tale": 1.0})).check_labels(LM)

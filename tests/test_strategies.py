@@ -1,0 +1,152 @@
+"""Next-sample strategies over a datastore with known scores: which scan each picks, leases, fallbacks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lib.al_config import StrategyConfig
+from lib.datastore import PanTSDatastore
+from lib.phantom import write_pants_tree
+from lib.scoring import INFO_KEY
+from lib.strategies import (
+    ForegroundRandom,
+    HybridStrategy,
+    RandomUnlabeled,
+    UncertaintyStrategy,
+    hybrid_choice,
+    make_strategies,
+)
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("al") / "PanTS"
+    write_pants_tree(root, N, shape=(16, 16, 12), spacing=(3.0, 3.0, 3.0), seed=5)
+    return root
+
+
+@pytest.fixture()
+def ds(pool: Path, tmp_path: Path) -> PanTSDatastore:
+    d = PanTSDatastore(pool, state_dir=tmp_path / "state", hide_imported_labels=True)
+    yield d
+    d.close()
+
+
+def ids(ds: PanTSDatastore) -> list[str]:
+    return sorted(ds.images_in_split("train"))
+
+
+def emb(*v: float) -> bytes:
+    a = np.asarray(v, dtype=np.float32)
+    return (a / np.linalg.norm(a)).astype(np.float16).tobytes()
+
+
+def put(ds: PanTSDatastore, image_id: str, u: float, lesion: float = 0.0, prio: float | None = None,
+        grp: str = "A|venous", e: bytes | None = None, version: str = "v1") -> None:
+    ds.store_scores([{
+        "image_id": image_id, "model_version": version, "uncertainty": u, "lesion_prob": lesion,
+        "priority": u if prio is None else prio, "grp": grp, "embedding": e or emb(1, 0, 0), "ts": time.time(),
+        "info": {"uncertainty": u, "model_version": version},
+    }], INFO_KEY)
+
+
+def ask(strategy, ds: PanTSDatastore, client: str = "c1") -> dict:
+    return strategy({"strategy": strategy.name, "client_id": client}, ds)
+
+
+def test_uncertainty_picks_highest_then_next_while_leased(ds: PanTSDatastore) -> None:
+    a, b, c = ids(ds)[:3]
+    put(ds, a, 0.2)
+    put(ds, b, 0.9)
+    put(ds, c, 0.5)
+    s = UncertaintyStrategy(seed=0)
+    first, second = ask(s, ds, "ann1"), ask(s, ds, "ann2")
+    assert (first["id"], second["id"]) == (b, c)
+    assert first["selected_by"] == "uncertainty"
+    assert {x["id"] for x in ds.active_leases()} == {b, c}
+
+
+def test_scores_are_in_image_info(ds: PanTSDatastore) -> None:
+    a = ids(ds)[0]
+    put(ds, a, 0.7, version="model-42")
+    assert ds.get_image_info(a)[INFO_KEY] == {"uncertainty": 0.7, "model_version": "model-42"}
+
+
+def test_every_strategy_falls_back_without_scores(ds: PanTSDatastore) -> None:
+    served = set()
+    for name, s in make_strategies(StrategyConfig(), seed=1).items():
+        res = ask(s, ds, name)
+        assert res["id"] in ids(ds), name
+        assert res["selected_by"] == "random", name  # no scores: the documented fallback ends at random
+        served.add(res["id"])
+    assert len(served) == 4  # leased scans are never served twice
+
+
+def test_leases_run_out_then_expire(ds: PanTSDatastore) -> None:
+    s = RandomUnlabeled(StrategyConfig(lease_minutes=1), seed=0)
+    got = [ask(s, ds, f"c{k}")["id"] for k in range(N)]
+    assert sorted(got) == ids(ds)
+    assert ask(s, ds, "late") == {}  # all leased: nothing to hand out
+    # A lease that expired frees its scan.
+    now = time.time()
+    assert not ds.lease(got[0], "other", "random", 60, now=now)
+    assert ds.lease(got[0], "other", "random", 60, now=now + 61)
+
+
+def test_final_label_and_reveal_end_the_lease(ds: PanTSDatastore, tmp_path: Path) -> None:
+    a, b = ids(ds)[:2]
+    assert ds.lease(a, "c1", "hybrid", 600) and ds.lease(b, "c2", "hybrid", 600)
+    img = nib.load(ds.get_image_uri(a))
+    label = np.zeros(img.shape, np.uint8)
+    label[4:8, 4:8, 3:6] = 14
+    f = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, img.affine), f)
+    ds.save_label(a, str(f), "final", {})
+    ds.reveal_imported_many([b])
+    assert ds.active_leases() == []
+
+
+def test_foreground_random_draws_among_likely_lesions(ds: PanTSDatastore) -> None:
+    a, b, *rest = ids(ds)
+    put(ds, a, 0.1, lesion=0.9)
+    put(ds, b, 0.1, lesion=0.0)
+    s = ForegroundRandom(StrategyConfig(fg_fraction=1.0, fg_pool=1), seed=0)
+    res = ask(s, ds)
+    assert res["id"] == a and res["selected_by"] == "foreground"
+
+
+def test_hybrid_prefers_the_scan_unlike_the_labelled_ones(ds: PanTSDatastore) -> None:
+    a, b, c = ids(ds)[:3]
+    put(ds, a, 0.5, e=emb(1, 0, 0))          # labelled below
+    put(ds, b, 0.8, e=emb(1, 0.01, 0))       # most uncertain, but a near-copy of a
+    put(ds, c, 0.7, e=emb(0, 1, 0))          # a little less uncertain, and new
+    ds.reveal_imported_many([a])
+    s = HybridStrategy(StrategyConfig(diversity_weight=0.5, balance_weight=0.0), seed=0)
+    res = ask(s, ds)
+    assert res["id"] == c
+    assert res["components"]["diversity"] == pytest.approx(1.0)
+    # Without diversity the most uncertain wins.
+    s = HybridStrategy(StrategyConfig(diversity_weight=0.0, balance_weight=0.0), seed=0)
+    assert ask(s, ds, "c2")["id"] == b
+
+
+def test_hybrid_balance_favours_under_represented_centers() -> None:
+    rows = [("x", "v", 0.5, 0.0, 0.5, "A|venous", None), ("y", "v", 0.5, 0.0, 0.5, "B|arterial", None)]
+    refs = [("l1", "A|venous", None), ("l2", "A|venous", None)]
+    k, parts = hybrid_choice(rows, refs, {"A|venous": 5, "B|arterial": 5}, StrategyConfig())
+    assert rows[k][0] == "y" and parts["balance"] > 0
+
+
+def test_stale_scores_still_rank(ds: PanTSDatastore) -> None:
+    a, b = ids(ds)[:2]
+    put(ds, a, 0.3, version="old")
+    put(ds, b, 0.6, version="new")
+    assert ask(UncertaintyStrategy(seed=0), ds)["id"] == b
+    assert ds.scoring_todo("new")[-1] == a  # stale: rescored after the never-scored ones

@@ -123,12 +123,22 @@ class PanTSLabelApp(MONAILabelApp):
         return {SCORING: PanTSScoring(segmenter, self.al_config)}
 
     def on_init_complete(self) -> None:
+        # Runs in the server process only (training/scoring subprocesses never get here): start
+        # background scoring on each new model, and the auto-retrain scheduler.
         super().on_init_complete()
         path = model_path(self.model_dir, self.preset)
         self._watcher = ModelWatcher(path, self.al_config.scoring.watch_interval_s, self._start_scoring).start()
+        launch, busy = monailabel_launcher(MODEL)
+        trainer: PanTSTrain = self._trainers[MODEL]  # type: ignore[assignment]
+        self.retrain = RetrainScheduler(
+            trainer.retrain_state_path, self.settings.auto_train_after, self.datastore, launch, busy
+        )
+        self.retrain.start()
 
     def _start_scoring(self, version: str | None) -> bool:
         """Background scoring (a MONAI Label scoring task); False if one is already running."""
+        if not hasattr(self.datastore(), "scoring_todo"):
+            return True  # this datastore keeps no scores (DICOMweb): nothing to do
         if version is None and not self.al_config.scoring.score_untrained:
             return True  # nothing to score with yet; act again when a model appears
         from monailabel.utils.async_tasks.task import AsyncTask
@@ -138,15 +148,6 @@ class PanTSLabelApp(MONAILabelApp):
             logger.info(f"scoring not started: {detail}")
         return res is not None
 
-    # ---- auto-retrain (server process only: training subprocesses never start the scheduler)
-    def on_init_complete(self) -> None:
-        super().on_init_complete()
-        launch, busy = monailabel_launcher(MODEL)
-        trainer: PanTSTrain = self._trainers[MODEL]  # type: ignore[assignment]
-        self.retrain = RetrainScheduler(
-            trainer.retrain_state_path, self.settings.auto_train_after, self.datastore, launch, busy
-        )
-        self.retrain.start()
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         super().on_save_label(image_id, label_id)
@@ -172,7 +173,7 @@ class PanTSLabelApp(MONAILabelApp):
     def _al_status(self) -> dict[str, Any]:
         ds = self.datastore()
         state_dir = getattr(ds, "state_dir", None)
-        if state_dir is None:
+        if state_dir is None or not hasattr(ds, "active_leases"):  # DICOMweb: no scores/leases yet
             return {}
         return {
             "scoring": StatusFile(Path(state_dir) / STATUS_NAME).read(),

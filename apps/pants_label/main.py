@@ -85,6 +85,15 @@ class PanTSLabelApp(MONAILabelApp):
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": RandomUnlabeled()}
 
+    def on_init_complete(self) -> None:
+        # Server process only, before uvicorn binds: crash leftovers, loopback bind, request guards.
+        from lib.guards import install_server_guards
+        from lib.recovery import recover
+
+        recover(getattr(self.datastore(), "state_dir", None), self.model_dir)
+        install_server_guards(self.settings.max_upload_mb << 20)
+        super().on_init_complete()
+
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["preset"] = self.preset

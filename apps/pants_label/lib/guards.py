@@ -419,6 +419,8 @@ class RequestGuard:
     # ---- checks
     async def _check(self, scope: Scope, receive: Receive) -> Receive:
         method, path = scope.get("method", "GET"), scope.get("path", "/")
+        if method == "GET" and path == "/info/":
+            await self._reconcile_training()
         route = classify(method, path)
         if route.kind == "none":
             return receive
@@ -429,6 +431,20 @@ class RequestGuard:
         if route.kind in ("infer", "upload", "form"):
             return await self._check_form(scope, receive, route)
         return await self._check_json(scope, receive, route)
+
+    async def _reconcile_training(self) -> None:
+        """A training subprocess that died (OOM kill, crash) is shown as INTERRUPTED, not RUNNING."""
+        model_dir = getattr(self.get_instance(), "model_dir", None)
+        if model_dir is None:
+            return
+        from starlette.concurrency import run_in_threadpool
+
+        from lib.recovery import mark_interrupted_training
+
+        try:
+            await run_in_threadpool(mark_interrupted_training, model_dir)
+        except OSError as err:  # /info must answer even if the stats cannot be rewritten
+            logger.warning("could not update training stats: %s", err)
 
     def _check_name(self, route: Route) -> None:
         if route.name is None:

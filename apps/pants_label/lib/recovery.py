@@ -98,37 +98,72 @@ def check_index(index_path: Path, report: RecoveryReport) -> None:
                      report.index_check)
 
 
-def training_running_elsewhere() -> bool:
-    """Whether a MONAI Label training subprocess (of any server) is alive on this machine."""
+def training_running_elsewhere(model_dir: Path) -> bool:
+    """Whether a live MONAI Label training subprocess writes to ``model_dir``.
+
+    The subprocess inherits the server's ``MONAI_LABEL_APP_CONF`` (holding ``model_dir``) and
+    ``MONAI_LABEL_APP_DIR``; a process whose environment cannot be read counts as a match.
+    """
     import psutil
 
+    target = Path(model_dir).resolve()
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if proc.info["pid"] != me and "monailabel.interfaces.utils.app" in cmd and "train" in cmd:
+        if proc.info["pid"] == me or "monailabel.interfaces.utils.app" not in cmd or "train" not in cmd:
+            continue
+        try:
+            env = proc.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            return True
+        try:
+            conf = json.loads(env.get("MONAI_LABEL_APP_CONF") or "{}")
+        except ValueError:
+            conf = {}
+        theirs = conf.get("model_dir") or os.path.join(env.get("MONAI_LABEL_APP_DIR", ""), "model")
+        if Path(theirs).resolve() == target:
             return True
     return False
 
 
-def mark_interrupted_training(model_dir: Path, report: RecoveryReport) -> None:
-    """A stats file left at RUNNING by a killed run says INTERRUPTED (``/info`` shows it)."""
-    stale = []
-    for path in sorted(model_dir.glob("train_stats*.json")):
-        try:
-            stats = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(stats, dict) and stats.get("status") == "RUNNING":
-            stale.append((path, stats))
-    if not stale:
-        return
+def mark_interrupted_training(model_dir: Path, report: RecoveryReport | None = None) -> list[str]:
+    """A stats file left at RUNNING by a run that no longer lives says INTERRUPTED (``/info`` shows it).
+
+    Called at start-up, and on ``GET /info/`` while a server runs (a training subprocess killed
+    by the OOM killer leaves RUNNING behind). Returns the stats files it changed.
+    """
+    stale = [p for p in sorted(Path(model_dir).glob("train_stats*.json")) if _status(p) == "RUNNING"]
+    if not stale or training_running_elsewhere(model_dir):
+        return []
     from lib.model_store import write_json_atomic
 
-    for path, stats in stale:
+    changed = []
+    for path in stale:
+        stats = _read(path)
+        if stats is None or stats.get("status") != "RUNNING":  # re-read: it may have finished meanwhile
+            continue
         stats.update(status="INTERRUPTED", end_ts=time.time(),
-                     error="the server stopped during this run; the published model was not changed")
+                     error="the training process ended without finishing (killed or crashed); "
+                           "the published model was not changed")
         write_json_atomic(path, stats)
-        report.interrupted_training.append(path.name)
+        changed.append(path.name)
+        logger.warning("training run of %s ended without finishing; marked INTERRUPTED", path.name)
+    if report is not None:
+        report.interrupted_training.extend(changed)
+    return changed
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def _status(path: Path) -> str | None:
+    stats = _read(path)
+    return None if stats is None else stats.get("status")
 
 
 def recover(state_dir: Path | None, model_dir: Path, index_name: str = "index.sqlite") -> RecoveryReport:
@@ -139,7 +174,7 @@ def recover(state_dir: Path | None, model_dir: Path, index_name: str = "index.sq
             remove_tmp(state_dir / sub, report)
         quarantine_orphan_labels(state_dir, state_dir / index_name, report)
         check_index(state_dir / index_name, report)
-    if model_dir.is_dir() and not training_running_elsewhere():  # a live trainer owns its temp files
+    if model_dir.is_dir() and not training_running_elsewhere(model_dir):  # a live trainer owns its temp files
         for name in os.listdir(model_dir):
             if _TMP_FILE.search(name) and (model_dir / name).is_file():
                 (model_dir / name).unlink(missing_ok=True)

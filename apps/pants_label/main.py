@@ -91,7 +91,8 @@ class PanTSLabelApp(MONAILabelApp):
         from lib.recovery import recover
 
         recover(getattr(self.datastore(), "state_dir", None), self.model_dir)
-        install_server_guards(self.settings.max_upload_mb << 20)
+        s = self.settings
+        install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
         super().on_init_complete()
 
     def info(self) -> dict[str, Any]:

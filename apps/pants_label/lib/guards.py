@@ -22,6 +22,7 @@ into 400.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import gc
@@ -33,6 +34,7 @@ import sqlite3
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -368,10 +370,21 @@ class RequestGuard:
             ``POST /reload`` replacing it is followed).
     """
 
-    def __init__(self, app: Any, max_upload_bytes: int, get_instance: Callable[[], Any]) -> None:
+    def __init__(self, app: Any, max_upload_bytes: int, get_instance: Callable[[], Any], infer_workers: int = 1,
+                 infer_queue: int = 32) -> None:
         self.app = app
         self.max_upload_bytes = int(max_upload_bytes)
         self.get_instance = get_instance
+        # MONAI Label's infer and save-label endpoints are ``async def`` functions that run the whole
+        # (CPU-bound) work on the event loop: one infer would freeze every other request. These
+        # requests run on worker threads instead, each with its own event loop.
+        self.pools = {
+            "infer": ThreadPoolExecutor(max_workers=infer_workers, thread_name_prefix="pants-infer"),
+            "upload": ThreadPoolExecutor(max_workers=2, thread_name_prefix="pants-save"),
+        }
+        self.infer_queue = int(infer_queue)
+        self.infer_workers = int(infer_workers)
+        self._waiting = {"infer": 0, "upload": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
@@ -381,7 +394,8 @@ class RequestGuard:
             if scope.get("method") == "POST" and scope.get("path") == "/auth/token" and not _monailabel_auth():
                 await self._basic_token(scope, receive, send)
                 return
-            receive = await self._check(scope, receive)
+            receive, route = await self._check(scope, receive)
+            pool = self._pool_for(route)
         except Refused as err:
             logger.info("refused %s %s: %d %s", scope.get("method"), scope.get("path"), err.status, err.detail)
             start, body = _json_response(err.status, err.detail)
@@ -395,7 +409,43 @@ class RequestGuard:
             await send(start)
             await send({"type": "http.response.body", "body": body})
             return
-        await self.app(scope, receive, send)
+        if pool is None:
+            await self.app(scope, receive, send)
+        else:
+            await self._in_thread(pool, scope, receive, send)
+
+    def _pool_for(self, route: "Route") -> str | None:
+        kind = "infer" if route.kind == "infer" else ("upload" if route.kind == "upload" else None)
+        if kind == "infer" and self._waiting["infer"] >= self.infer_workers + self.infer_queue:
+            raise Refused(
+                503,
+                f"server busy: {self._waiting['infer']} inference requests are running or queued "
+                f"(infer_workers = {self.infer_workers}, infer_queue = {self.infer_queue}); retry in a few seconds",
+            )
+        return kind
+
+    async def _in_thread(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the downstream app for this request on a worker thread with its own event loop.
+
+        ``receive``/``send`` stay on the server's loop; the worker reaches them through
+        ``run_coroutine_threadsafe``. Exceptions come back here unchanged.
+        """
+        loop = asyncio.get_running_loop()
+
+        async def t_receive() -> Message:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(receive(), loop))
+
+        async def t_send(message: Message) -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(send(message), loop))
+
+        def work() -> None:
+            asyncio.run(self.app(scope, t_receive, t_send))
+
+        self._waiting[kind] += 1
+        try:
+            await loop.run_in_executor(self.pools[kind], work)
+        finally:
+            self._waiting[kind] -= 1
 
     async def _basic_token(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /auth/token`` behind the basic-auth proxy: the form's credentials as a Basic token.
@@ -417,20 +467,20 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
     # ---- checks
-    async def _check(self, scope: Scope, receive: Receive) -> Receive:
+    async def _check(self, scope: Scope, receive: Receive) -> tuple[Receive, Route]:
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         if method == "GET" and path == "/info/":
             await self._reconcile_training()
         route = classify(method, path)
         if route.kind == "none":
-            return receive
+            return receive, route
         if route.kind == "json-query":
             check_query_ints(scope, _QUERY_INTS[(method, path)])
-            return receive
+            return receive, route
         self._check_name(route)
         if route.kind in ("infer", "upload", "form"):
-            return await self._check_form(scope, receive, route)
-        return await self._check_json(scope, receive, route)
+            return await self._check_form(scope, receive, route), route
+        return await self._check_json(scope, receive, route), route
 
     async def _reconcile_training(self) -> None:
         """A training subprocess that died (OOM kill, crash) is shown as INTERRUPTED, not RUNNING."""
@@ -684,7 +734,8 @@ def _exception_handlers() -> dict[Any, Callable[..., Awaitable[Any]]]:
     }
 
 
-def install(fastapi_app: Any, max_upload_bytes: int, get_instance: Callable[[], Any]) -> bool:
+def install(fastapi_app: Any, max_upload_bytes: int, get_instance: Callable[[], Any], infer_workers: int = 1,
+            infer_queue: int = 32) -> bool:
     """Add :class:`RequestGuard` and the exception handlers to the running FastAPI app.
 
     The app's middleware stack was built when the lifespan started; it is rebuilt here, before
@@ -698,7 +749,8 @@ def install(fastapi_app: Any, max_upload_bytes: int, get_instance: Callable[[], 
     from starlette.middleware import Middleware
 
     fastapi_app.user_middleware.append(
-        Middleware(RequestGuard, max_upload_bytes=max_upload_bytes, get_instance=get_instance)
+        Middleware(RequestGuard, max_upload_bytes=max_upload_bytes, get_instance=get_instance,
+                   infer_workers=infer_workers, infer_queue=infer_queue)
     )
     fastapi_app.exception_handlers.update(_exception_handlers())
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
@@ -706,14 +758,14 @@ def install(fastapi_app: Any, max_upload_bytes: int, get_instance: Callable[[], 
     return True
 
 
-def install_server_guards(max_upload_bytes: int) -> str | None:
+def install_server_guards(max_upload_bytes: int, infer_workers: int = 1, infer_queue: int = 32) -> str | None:
     """In the server process: loopback bind and request guards. Returns the listening host."""
     host = enforce_loopback_bind()
     served = sys.modules.get("monailabel.app")
     if served is not None and hasattr(served, "app"):
         from monailabel.interfaces.utils.app import app_instance
 
-        if install(served.app, max_upload_bytes, app_instance):
+        if install(served.app, max_upload_bytes, app_instance, infer_workers, infer_queue):
             logger.info("request guards installed (upload limit %.0f MiB)", max_upload_bytes / 2**20)
     return host
 

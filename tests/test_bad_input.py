@@ -121,7 +121,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("bad_input")
     write_pants_tree(base / "PanTS", 2, shape=(24, 24, 16), spacing=(4.0, 4.0, 5.0), seed=5)
     srv = Server(base / "PanTS", base / "server.log",
-                 conf={"model_dir": str(base / "model"), "preset": "fast", "max_upload_mb": str(MAX_UPLOAD_MB)})
+                 conf={"model_dir": str(base / "model"), "preset": "fast", "max_upload_mb": str(MAX_UPLOAD_MB),
+                       "infer_queue": "0"})
     try:
         yield srv
     finally:
@@ -169,3 +170,19 @@ def test_good_requests_still_pass_the_guards(server: Server, tmp_path: Path) -> 
     r = requests.put(f"{server.url}/datastore/image/info?image={IMAGE}", files={"info": (None, json.dumps({"k": 1}))},
                      timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_infers_past_the_queue_get_a_busy_answer_and_the_rest_are_served(server: Server) -> None:
+    """infer_queue 0: while one inference runs, others get 503 with a message, not a long wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def infer(_: int) -> requests.Response:
+        return requests.post(server.url + INFER, files={"params": (None, "{}")}, timeout=300)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(infer, range(8)))
+    codes = sorted(r.status_code for r in answers)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    busy = next(r for r in answers if r.status_code == 503)
+    assert "server busy" in busy.json()["detail"] and "infer_queue" in busy.json()["detail"]
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200

@@ -82,7 +82,8 @@ def quarantine_orphan_labels(state_dir: Path, index_path: Path, report: Recovery
         rel = "@state/" + path.relative_to(state_dir).as_posix()
         if rel in known:
             continue
-        dest = state_dir / "orphans" / path.relative_to(labels).parent / f"{path.stem.split('.')[0]}-{int(time.time())}.nii.gz"
+        name = f"{path.name.split('.')[0]}-{int(time.time())}.nii.gz"  # v3.nii.gz -> v3-<time>.nii.gz
+        dest = state_dir / "orphans" / path.relative_to(labels).parent / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
         report.orphans.append(str(path))
@@ -143,7 +144,7 @@ def mark_interrupted_training(model_dir: Path, report: RecoveryReport | None = N
         if stats is None or stats.get("status") != "RUNNING":  # re-read: it may have finished meanwhile
             continue
         stats.update(status="INTERRUPTED", end_ts=time.time(),
-                     error="the training process ended without finishing (killed or crashed); "
+                     error="the training process ended without finishing (stopped, killed or crashed); "
                            "the published model was not changed")
         write_json_atomic(path, stats)
         changed.append(path.name)

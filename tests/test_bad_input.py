@@ -186,3 +186,12 @@ def test_infers_past_the_queue_get_a_busy_answer_and_the_rest_are_served(server:
     busy = next(r for r in answers if r.status_code == 503)
     assert "server busy" in busy.json()["detail"] and "infer_queue" in busy.json()["detail"]
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("key, value", [("infer_workers", "0"), ("infer_queue", "-1"), ("max_upload_mb", "0")])
+def test_limit_settings_are_validated_at_start(key: str, value: str) -> None:
+    from lib.config_errors import ConfigError
+    from lib.settings import AppSettings
+
+    with pytest.raises(ConfigError, match=f"--conf {key}"):
+        AppSettings.from_conf({key: value})

@@ -15,6 +15,10 @@ field, the value and what is allowed):
 * negative or huge numeric query parameters (``/logs/?lines``, ``/datastore/dataset?limit_cases``);
 * ``/infer/{model}?image=ID`` for an image the datastore does not hold (404).
 
+Inference and label saves then run on worker threads (MONAI Label runs them on the event loop,
+where one inference stalls every other request); past ``infer_workers`` + ``infer_queue``
+inferences the answer is 503 "server busy".
+
 Exception handlers turn MONAI Label's ``MONAILabelException`` into 400, a full disk (ENOSPC or
 SQLite's "database or disk is full") into 507 Insufficient Storage, and a field that is not JSON
 into 400.
@@ -394,8 +398,9 @@ class RequestGuard:
             if scope.get("method") == "POST" and scope.get("path") == "/auth/token" and not _monailabel_auth():
                 await self._basic_token(scope, receive, send)
                 return
+            self._check_busy(classify(scope.get("method", "GET"), scope.get("path", "/")))  # before reading a body
             receive, route = await self._check(scope, receive)
-            pool = self._pool_for(route)
+            pool = {"infer": "infer", "upload": "upload"}.get(route.kind)
         except Refused as err:
             logger.info("refused %s %s: %d %s", scope.get("method"), scope.get("path"), err.status, err.detail)
             start, body = _json_response(err.status, err.detail)
@@ -414,15 +419,14 @@ class RequestGuard:
         else:
             await self._in_thread(pool, scope, receive, send)
 
-    def _pool_for(self, route: "Route") -> str | None:
-        kind = "infer" if route.kind == "infer" else ("upload" if route.kind == "upload" else None)
-        if kind == "infer" and self._waiting["infer"] >= self.infer_workers + self.infer_queue:
+    def _check_busy(self, route: "Route") -> None:
+        """503 when ``infer_workers`` inferences run and ``infer_queue`` more wait already."""
+        if route.kind == "infer" and self._waiting["infer"] >= self.infer_workers + self.infer_queue:
             raise Refused(
                 503,
                 f"server busy: {self._waiting['infer']} inference requests are running or queued "
                 f"(infer_workers = {self.infer_workers}, infer_queue = {self.infer_queue}); retry in a few seconds",
             )
-        return kind
 
     async def _in_thread(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the downstream app for this request on a worker thread with its own event loop.

@@ -159,6 +159,16 @@ class PanTSLabelApp(MONAILabelApp):
                 logger.exception("auto-retrain: could not count the new label")
         return {}
 
+    def on_init_complete(self) -> None:
+        # Server process only, before uvicorn binds: crash leftovers, loopback bind, request guards.
+        from lib.guards import install_server_guards
+        from lib.recovery import recover
+
+        recover(getattr(self.datastore(), "state_dir", None), self.model_dir)
+        s = self.settings
+        install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
+        super().on_init_complete()
+
     def info(self) -> dict[str, Any]:
         info = super().info()
         # Top-level labels as names in id order, MONAI Label's own form: OHIF's panel appends to

@@ -139,6 +139,8 @@ class AppSettings(_Frozen):
     auto_train_after: int = Field(10, ge=0, description="start training after this many new final labels; 0 = off")
     train_max_epochs: int | None = Field(None, ge=1, description="epochs per run; default presets.yaml training.max_epochs")
     max_upload_mb: int = Field(1024, ge=1)
+    infer_workers: int = Field(1, ge=1, le=16, description="inferences run at once (each on its own thread)")
+    infer_queue: int = Field(32, ge=0, le=10000, description="inferences waiting beyond those; more get 503 busy")
     model_dir: str | None = Field(None, description="folder of published weights; default <app>/model")
     datastore_dir: str | None = Field(None, description="writable index/labels folder; default <studies>/.pants_label")
     al_config: str | None = Field(None, description="active-learning config file; default configs/active_learning.yaml")

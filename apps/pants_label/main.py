@@ -123,8 +123,15 @@ class PanTSLabelApp(MONAILabelApp):
         return {SCORING: PanTSScoring(segmenter, self.al_config)}
 
     def on_init_complete(self) -> None:
-        # Runs in the server process only (training/scoring subprocesses never get here): start
-        # background scoring on each new model, and the auto-retrain scheduler.
+        # Server process only (training/scoring subprocesses never get here), before uvicorn
+        # binds: crash leftovers, loopback bind, request guards; then background scoring on each
+        # new model, and the auto-retrain scheduler.
+        from lib.guards import install_server_guards
+        from lib.recovery import recover
+
+        recover(getattr(self.datastore(), "state_dir", None), self.model_dir)
+        s = self.settings
+        install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
         super().on_init_complete()
         path = model_path(self.model_dir, self.preset)
         self._watcher = ModelWatcher(path, self.al_config.scoring.watch_interval_s, self._start_scoring).start()
@@ -148,7 +155,6 @@ class PanTSLabelApp(MONAILabelApp):
             logger.info(f"scoring not started: {detail}")
         return res is not None
 
-
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         super().on_save_label(image_id, label_id)
         scheduler: RetrainScheduler | None = getattr(self, "retrain", None)
@@ -158,16 +164,6 @@ class PanTSLabelApp(MONAILabelApp):
             except Exception:  # noqa: BLE001 - the label is stored; counting must not fail the upload
                 logger.exception("auto-retrain: could not count the new label")
         return {}
-
-    def on_init_complete(self) -> None:
-        # Server process only, before uvicorn binds: crash leftovers, loopback bind, request guards.
-        from lib.guards import install_server_guards
-        from lib.recovery import recover
-
-        recover(getattr(self.datastore(), "state_dir", None), self.model_dir)
-        s = self.settings
-        install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
-        super().on_init_complete()
 
     def info(self) -> dict[str, Any]:
         info = super().info()

@@ -113,9 +113,10 @@ def test_masks_consolidated_by_priority(served, client) -> None:
 
 def test_next_sample_draws_unlabeled_scans(served, client) -> None:
     # scans with imported masks count as labeled: the one without masks is the only candidate
-    for _ in range(3):
-        sample = client.next_sample("random", {})
-        assert sample["id"] == NEW and sample["path"] == str(served[1] / "ImageTr" / NEW / "ct.nii.gz")
+    sample = client.next_sample("random", {"client_id": "annotator-1"})
+    assert sample["id"] == NEW and sample["path"] == str(served[1] / "ImageTr" / NEW / "ct.nii.gz")
+    # it is now leased to annotator-1: nobody else gets it while the lease runs
+    assert client.next_sample("random", {"client_id": "annotator-2"}) == {}
     assert "random" in client.datastore()["objects"][NEW]["image"]["info"]["strategy"]
 
 

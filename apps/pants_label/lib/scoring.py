@@ -314,6 +314,7 @@ class PanTSScoring(ScoringMethod):
             "description": self.description,
             "config": {
                 "localize_spacing_mm": list(s.localize_spacing_mm or self.seg.preset.spacing_mm),
+                "localize_body_hu": s.localize_body_hu,
                 "model_spacing_mm": list(self.seg.preset.spacing_mm),
                 "mc_samples": s.mc_samples,
                 "flip_tta": s.flip_tta,

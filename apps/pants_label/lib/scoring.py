@@ -2,9 +2,9 @@
 
 Per scan, two passes of the app's own network (:class:`lib.segmenter.Segmenter`):
 
-1. *Localize*: the whole CT, once, deterministic, at a coarse spacing
-   (``scoring.localize_spacing_mm``), to find the predicted pancreas region (pancreas, its
-   parts, duct, lesion).
+1. *Localize*: the body's bounding box (``scoring.localize_body_hu``) of the whole CT, once,
+   deterministic, at a coarse spacing (``scoring.localize_spacing_mm``), to find the predicted
+   pancreas region (pancreas, its parts, duct, lesion).
 2. *Uncertainty*: a crop around that region at the model's own spacing, ``mc_samples``
    stochastic passes in one batch (MC dropout; every other pass mirrored left-right with
    ``flip_tta``).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import statistics
 import sys
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         med, p95 = statistics.median(times), times[int(0.95 * (len(times) - 1))]
         results.append({"strategy": name, "median_ms": round(med, 2), "p95_ms": round(p95, 2)})
         print(f"{name:<12} {med:>10.2f} {p95:>8.2f}")
+    print(f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     with open(args.out / "bench_al_next_sample.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["strategy", "median_ms", "p95_ms"])
         w.writeheader()

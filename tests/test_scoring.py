@@ -70,6 +70,40 @@ def test_scores_a_scan_within_bounds(pool: Path, tmp_path: Path) -> None:
     assert not any(m.training for m in seg.network().modules())
 
 
+def test_coarse_grid_from_stored_integers_matches_normalise_then_area() -> None:
+    """The subsample-first preprocessing keeps the meaning: HU window, then area averaging."""
+    import numpy as np
+
+    from lib.segmenter import normalize_hu, resample_image
+
+    seg = Segmenter(CFG, LM, "fast", Path("/nonexistent.pt"))
+    scorer = ScanScorer(seg, AL.scoring)
+    rng = np.random.default_rng(0)
+    # smooth anatomy beyond the HU window on both sides, plus scanner noise
+    i, j, k = np.meshgrid(np.arange(40), np.arange(40), np.arange(24), indexing="ij")
+    raw = 1400 * np.sin(i / 12.0) * np.cos(j / 16.0) + 200 * np.sin(k / 4.0) + rng.normal(0, 30, (40, 40, 24))
+    raw = raw.astype(np.int16)
+    spacing = (1.0, 1.0, 2.0)
+    exact = resample_image(normalize_hu(raw, CFG)[None, None], (10, 10, 12))
+    fast = scorer._coarse(raw, spacing, (4.0, 4.0, 4.0))  # reads every 2nd voxel in x and y
+    assert fast.shape == exact.shape
+    # the same local means from a quarter of the samples, on a grid moved by half a source voxel
+    assert float((fast - exact).abs().mean()) < 0.04
+    assert float(fast.min()) >= -1.0 and float(fast.max()) <= 1.0
+    same = scorer._coarse(raw, spacing, (1.0, 1.0, 2.0))  # no shrink: exactly the normalised scan
+    assert torch.equal(same, normalize_hu(raw, CFG)[None, None])
+
+
+def test_localize_sees_only_the_body() -> None:
+    seg = Segmenter(CFG, LM, "fast", Path("/nonexistent.pt"))
+    x = torch.full((1, 1, 60, 50, 40), -1.0)  # air
+    x[0, 0, 10:40, 20:45, 5:35] = 0.0  # the patient (0 HU)
+    box = ScanScorer(seg, AL.scoring)._body_box(x)
+    assert box == (slice(9, 41), slice(19, 46), slice(4, 36))
+    whole = ScanScorer(seg, ScoringConfig(localize_body_hu=None))._body_box(x)
+    assert whole == (slice(0, 60), slice(0, 50), slice(0, 40))
+
+
 def test_incremental_only_stale_unlabelled_scans_are_rescored(pool: Path, tmp_path: Path) -> None:
     mp = model_path(tmp_path / "model", "fast")
     ds = PanTSDatastore(pool, state_dir=tmp_path / "state", hide_imported_labels=True)

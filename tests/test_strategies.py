@@ -17,6 +17,7 @@ from lib.strategies import (
     ForegroundRandom,
     HybridStrategy,
     RandomUnlabeled,
+    References,
     UncertaintyStrategy,
     hybrid_choice,
     make_strategies,
@@ -135,6 +136,33 @@ def test_hybrid_prefers_the_scan_unlike_the_labelled_ones(ds: PanTSDatastore) ->
     # Without diversity the most uncertain wins.
     s = HybridStrategy(StrategyConfig(diversity_weight=0.0, balance_weight=0.0), seed=0)
     assert ask(s, ds, "c2")["id"] == b
+
+
+def test_hybrid_sees_a_label_saved_after_its_references_were_cached(ds: PanTSDatastore) -> None:
+    a, b, c = ids(ds)[:3]
+    put(ds, a, 0.5, e=emb(1, 0, 0))
+    put(ds, b, 0.8, e=emb(1, 0.01, 0))
+    put(ds, c, 0.7, e=emb(0, 1, 0))
+    s = HybridStrategy(StrategyConfig(diversity_weight=0.5, balance_weight=0.0), seed=0)
+    before = ds.references_version()
+    assert ask(s, ds)["id"] == b  # nothing labelled yet: the most uncertain (references now cached)
+    assert ds.references_version() == before  # a lease is read live, it does not move the counter
+    assert ds.release_lease(b)
+    ds.reveal_imported_many([a])  # a labelled: b is now a near-copy of it
+    assert ds.references_version() != before
+    assert ask(s, ds, "c2")["id"] == c
+
+
+def test_references_merge_leased_first_without_duplicates() -> None:
+    leased = References.from_rows([("x", "A", emb(1, 0)), ("y", "B", None)])
+    labelled = References.from_rows([("y", "B", emb(0, 1)), ("z", "A", emb(0, 1)), ("w", "B", emb(1, 1))])
+    both = leased.then(labelled, limit=3)
+    assert both.ids == ("x", "y", "z") and both.groups == ("A", "B", "A")
+    assert both.valid.tolist() == [True, False, True] and both.dim == 2
+    # embeddings of another length (a rescore by a new model half done): the larger set is kept
+    other = References.from_rows([("v", "A", emb(1, 0, 0))])
+    mixed = other.then(labelled, limit=10)
+    assert mixed.dim == 2 and mixed.valid.tolist() == [False, True, True, True]
 
 
 def test_hybrid_balance_favours_under_represented_centers() -> None:

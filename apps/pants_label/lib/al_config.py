@@ -19,9 +19,10 @@ class _Frozen(BaseModel):
 
 class ScoringConfig(_Frozen):
     localize_spacing_mm: tuple[float, float, float] | None = (6.0, 6.0, 6.0)
+    localize_body_hu: float | None = -500.0
     crop_margin_mm: float = Field(20.0, ge=0)
     max_crop_voxels: tuple[int, int, int] = (48, 48, 40)
-    mc_samples: int = Field(4, ge=1, le=64)
+    mc_samples: int = Field(2, ge=1, le=64)
     flip_tta: bool = True
     class_weights: dict[str, float] = {}
     other_weight: float = Field(0.25, ge=0)

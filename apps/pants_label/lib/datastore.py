@@ -601,6 +601,18 @@ class PanTSDatastore(Datastore):
         """``(id, grp, embedding)`` of scored scans labeled or leased (diversity and balance)."""
         return self.index.reference_scores(TRAINING_TAGS, IMPORTED_TAG, self.hide_imported, now, limit)
 
+    def labelled_scores(self, limit: int) -> list[tuple]:
+        """``(id, grp, embedding)`` of scored scans with a live training label."""
+        return self.index.labelled_scores(TRAINING_TAGS, IMPORTED_TAG, self.hide_imported, limit)
+
+    def leased_scores(self, now: float) -> list[tuple]:
+        """``(id, grp, embedding)`` of scored scans under a live lease."""
+        return self.index.leased_scores(now)
+
+    def references_version(self) -> tuple[str, int]:
+        """Changes whenever :meth:`labelled_scores` or :meth:`score_groups` may answer differently."""
+        return str(self.index.path), self.index.change_count("references")
+
     def score_groups(self) -> dict[str | None, int]:
         return self.index.score_groups()
 

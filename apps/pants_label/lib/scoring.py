@@ -2,9 +2,9 @@
 
 Per scan, two passes of the app's own network (:class:`lib.segmenter.Segmenter`):
 
-1. *Localize*: the whole CT, once, deterministic, at a coarse spacing
-   (``scoring.localize_spacing_mm``), to find the predicted pancreas region (pancreas, its
-   parts, duct, lesion).
+1. *Localize*: the body's bounding box (``scoring.localize_body_hu``) of the whole CT, once,
+   deterministic, at a coarse spacing (``scoring.localize_spacing_mm``), to find the predicted
+   pancreas region (pancreas, its parts, duct, lesion).
 2. *Uncertainty*: a crop around that region at the model's own spacing, ``mc_samples``
    stochastic passes in one batch (MC dropout; every other pass mirrored left-right with
    ``flip_tta``).
@@ -113,13 +113,37 @@ class ScanScorer:
         return tuple(box)
 
     # -- the passes
-    def _localize(self, x: torch.Tensor, spacing: tuple[float, ...], net: torch.nn.Module) -> tuple[np.ndarray | None, tuple[int, ...]]:
-        sp = self.cfg.localize_spacing_mm or self.seg.preset.spacing_mm
-        small = resample_image(x, target_shape(tuple(x.shape[2:]), spacing, sp))
-        logits = self.seg.predict_logits(small, net)
+    def _localize(self, x: torch.Tensor, net: torch.nn.Module) -> np.ndarray | None:
+        """Predicted pancreas region on the coarse grid of ``x`` (None when nothing is predicted).
+
+        The network sees only the body's bounding box (voxels above ``localize_body_hu``; air
+        around the patient fills ~half of a CT's field of view), padded back with "no region".
+        """
+        box = self._body_box(x)
+        logits = self.seg.predict_logits(x[(slice(None), slice(None), *box)].contiguous(), net)
         pred = logits.argmax(dim=1)[0].cpu().numpy()
-        region = np.isin(pred, self.region_ids)
-        return (region if region.any() else None), tuple(small.shape[2:])
+        region = np.zeros(tuple(x.shape[2:]), dtype=bool)
+        region[box] = np.isin(pred, self.region_ids)
+        return region if region.any() else None
+
+    def _body_box(self, x: torch.Tensor) -> tuple[slice, ...]:
+        shape = tuple(x.shape[2:])
+        hu = self.cfg.localize_body_hu
+        if hu is None:
+            return tuple(slice(0, n) for n in shape)
+        body = (x[0, 0] > normalize_hu(np.array([hu], np.float32), self.seg.cfg).item()).numpy()
+        if not body.any():
+            return tuple(slice(0, n) for n in shape)
+        box = []
+        for ax in range(3):
+            idx = np.nonzero(body.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+            lo, hi = max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, shape[ax])  # one voxel of margin
+            if hi - lo < 16:  # the network needs 16 voxels a side: grow around the centre
+                c = (lo + hi) // 2
+                lo = max(0, min(c - 8, shape[ax] - 16))
+                hi = min(shape[ax], lo + 16)
+            box.append(slice(lo, hi))
+        return tuple(box)
 
     def _stochastic(self, crop: torch.Tensor, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean softmax (C, d, h, w) over the stochastic passes, and the mean bottleneck features."""
@@ -174,23 +198,37 @@ class ScanScorer:
         lesion_prob = float(lesion.topk(k).values.mean())
         return score, cls, lesion_prob
 
+    def _coarse(self, arr: np.ndarray, spacing: tuple[float, ...], target_mm: tuple[float, ...]) -> torch.Tensor:
+        """``arr`` (raw HU, any layout) normalised on a grid of ``target_mm``, area-averaged.
+
+        Every ``step``-th voxel is read first (step = half the shrink factor, so each output
+        voxel still averages >= 2 samples a side): normalising a ~5 M voxel subsample instead
+        of the whole 78 M voxel CT is what keeps the preprocessing at ~0.1 s. The grid moves by
+        at most half a source voxel (0.4 mm on a 0.8 mm CT), far below the 6 mm output voxel.
+        """
+        step = tuple(max(1, int((t / s) // 2)) for t, s in zip(target_mm, spacing))
+        # start inside each step so a sample sits at (odd step) or half a source voxel from
+        # (even step) the centre of the source voxels it stands for
+        sub = np.ascontiguousarray(arr[tuple(slice((k - 1) // 2, None, k) for k in step)])
+        x = normalize_hu(sub, self.seg.cfg)[None, None]
+        return resample_image(x, target_shape(tuple(arr.shape), spacing, target_mm))
+
     def score_volume(self, vol: Volume, net: torch.nn.Module | None = None) -> ScanScore:
         net = net or self.seg.network()
         sec: dict[str, float] = {}
         t0 = time.perf_counter()
         axcodes = self.seg.cfg.preprocessing.orientation
-        ro = reorientation(vol.affine, axcodes)
-        arr = np.ascontiguousarray(ro.to_canonical(vol.array))
+        arr = reorientation(vol.affine, axcodes).to_canonical(vol.array)  # flips/transposes: a view
         spacing = canonical_spacing(vol.affine, axcodes)
-        x = normalize_hu(arr, self.seg.cfg)[None, None]
+        small = self._coarse(arr, spacing, self.cfg.localize_spacing_mm or self.seg.preset.spacing_mm)
         sec["pre"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        region, loc_shape = self._localize(x, spacing, net)
+        region = self._localize(small, net)
         sec["localize"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        box = self._crop_box(region, loc_shape, tuple(arr.shape), spacing)
-        full_crop = x[(slice(None), slice(None), *box)]  # a view: only the crop is resampled
-        crop = resample_image(full_crop, target_shape(tuple(full_crop.shape[2:]), spacing, self.seg.preset.spacing_mm))
+        box = self._crop_box(region, tuple(small.shape[2:]), tuple(arr.shape), spacing)
+        # only the crop is read at full resolution
+        crop = self._coarse(arr[box], spacing, self.seg.preset.spacing_mm)
         probs, feat = self._stochastic(crop.contiguous(), net)
         score, cls, lesion_prob = self._summarize(probs)
         emb = feat.numpy().astype(np.float32)
@@ -198,6 +236,15 @@ class ScanScorer:
         sec["uncertainty"] = time.perf_counter() - t2
         sec = {k: round(v, 3) for k, v in sec.items()}
         return ScanScore(score, lesion_prob, cls, emb, tuple(crop.shape[2:]), region is not None, sec)  # type: ignore[arg-type]
+
+
+def load_for_scoring(path: str | Path) -> Volume:
+    """A scan as stored: integer voxels stay integers when the file has no scaling.
+
+    The float32 copy of a whole CT (~0.7 s at 512x512x300) is not needed: scoring converts
+    only the subsample and the crop it reads.
+    """
+    return load_volume(path, dtype=None)
 
 
 def priority(uncertainty: float, lesion_prob: float, lesion_weight: float) -> float:
@@ -267,6 +314,7 @@ class PanTSScoring(ScoringMethod):
             "description": self.description,
             "config": {
                 "localize_spacing_mm": list(s.localize_spacing_mm or self.seg.preset.spacing_mm),
+                "localize_body_hu": s.localize_body_hu,
                 "model_spacing_mm": list(self.seg.preset.spacing_mm),
                 "mc_samples": s.mc_samples,
                 "flip_tta": s.flip_tta,
@@ -327,7 +375,7 @@ def run_scoring(
                 break
             t0 = time.perf_counter()
             try:
-                vol = load_volume(datastore.get_image_uri(image_id))
+                vol = load_for_scoring(datastore.get_image_uri(image_id))
                 t_load = time.perf_counter() - t0
                 s = method.scorer.score_volume(vol, net)
                 s.seconds["load"] = round(t_load, 3)
@@ -397,6 +445,7 @@ __all__ = [
     "ScanScorer",
     "StatusFile",
     "balance_group",
+    "load_for_scoring",
     "model_version",
     "priority",
     "run_scoring",

@@ -27,6 +27,8 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,58 @@ _SELECT_LOCK = threading.Lock()
 
 def _embedding(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class References:
+    """Labelled/leased scans as arrays: what the diversity and balance terms compare against.
+
+    ``emb`` has one row per scan (embeddings of the most common length, float32); ``valid``
+    marks the rows that hold one. Scans without an embedding count for balance only.
+    """
+
+    ids: tuple[str, ...]
+    groups: tuple[str | None, ...]
+    emb: np.ndarray  # (n, dim) float32
+    valid: np.ndarray  # (n,) bool
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple]) -> References:
+        """From ``(id, grp, embedding blob)`` rows; the blobs are decoded in one pass."""
+        sizes = Counter(len(r[2]) for r in rows if r[2])
+        size = sizes.most_common(1)[0][0] if sizes else 0
+        valid = np.array([bool(r[2]) and len(r[2]) == size for r in rows], dtype=bool)
+        emb = np.zeros((len(rows), size // 2), np.float32)
+        if valid.any():
+            blob = b"".join(r[2] for r, v in zip(rows, valid) if v)
+            emb[valid] = np.frombuffer(blob, dtype=np.float16).reshape(int(valid.sum()), -1)
+        return cls(tuple(r[0] for r in rows), tuple(r[1] for r in rows), emb, valid)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1]) if self.valid.any() else 0
+
+    def then(self, other: References, limit: int) -> References:
+        """These scans, then ``other``'s not already here, at most ``limit`` in all."""
+        a, b = self, other
+        if a.dim and b.dim and a.dim != b.dim:  # scores of two models mid-rescore: keep the larger
+            a, b = (a, b._without_embeddings(a.dim)) if a.valid.sum() >= b.valid.sum() else (a._without_embeddings(b.dim), b)
+        dim = a.dim or b.dim
+        a, b = (x if x.dim == dim else x._without_embeddings(dim) for x in (a, b))
+        have = set(a.ids)
+        keep = np.array([i not in have for i in b.ids], dtype=bool)
+        ids = (a.ids + tuple(i for i, k in zip(b.ids, keep) if k))[:limit]
+        groups = (a.groups + tuple(g for g, k in zip(b.groups, keep) if k))[:limit]
+        emb = np.concatenate([a.emb, b.emb[keep]])[:limit]
+        valid = np.concatenate([a.valid, b.valid[keep]])[:limit]
+        return References(ids, groups, emb, valid)
+
+    def _without_embeddings(self, dim: int) -> References:
+        n = len(self.ids)
+        return References(self.ids, self.groups, np.zeros((n, dim), np.float32), np.zeros(n, bool))
 
 
 class LeasingStrategy(Strategy):
@@ -169,52 +223,65 @@ class HybridStrategy(LeasingStrategy):
         )
         self.fallback = ForegroundRandom(cfg, seed)
         self.fallback.rng = self.fallback.random.rng = self.rng
-        self._groups: tuple[float, dict[str | None, int]] = (-1e18, {})
+        # Labelled scans' references and the pool's center/phase mix, kept until the index's
+        # change counter moves (a label saved, masks revealed, scores stored): re-reading and
+        # decoding ~1,000 embeddings per request cost more than the rest of the answer.
+        self._cached: tuple[Any, References, dict[str | None, int]] | None = None
 
-    def _pool_groups(self, datastore: Any, now: float) -> dict[str | None, int]:
-        # The pool's center/phase mix only moves when scoring runs: a group-by over 36k rows
-        # per request is not needed; refresh it every 30 s.
-        if now - self._groups[0] > 30.0:
-            self._groups = (now, datastore.score_groups())
-        return self._groups[1]
+    def _references(self, datastore: Any, now: float) -> tuple[References, dict[str | None, int]]:
+        if not hasattr(datastore, "references_version"):  # a datastore without the counter
+            refs = References.from_rows(datastore.reference_scores(now, self.cfg.max_reference))
+            return refs, datastore.score_groups()
+        version = datastore.references_version()
+        if self._cached is None or self._cached[0] != version:
+            labelled = References.from_rows(datastore.labelled_scores(self.cfg.max_reference))
+            self._cached = (version, labelled, datastore.score_groups())
+        _, labelled, groups = self._cached
+        # Leases change on every request: read live (a handful of rows), ahead of the labelled.
+        leased = References.from_rows(datastore.leased_scores(now))
+        return leased.then(labelled, self.cfg.max_reference), groups
 
     def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
         rows = datastore.top_scored("priority", now, self.cfg.candidates)
         if not rows:
             return self.fallback.select(datastore, now, name)
-        refs = datastore.reference_scores(now, self.cfg.max_reference)
-        k, parts = hybrid_choice(rows, refs, self._pool_groups(datastore, now), self.cfg)
+        refs, groups = self._references(datastore, now)
+        k, parts = hybrid_choice(rows, refs, groups, self.cfg)
         return rows[k][0], "hybrid", {"components": parts, "model_version": rows[k][1]}
 
 
 def hybrid_choice(
-    rows: list[tuple], refs: list[tuple], pool_groups: dict[str | None, int], cfg: StrategyConfig
+    rows: list[tuple], refs: References | Sequence[tuple], pool_groups: dict[str | None, int], cfg: StrategyConfig
 ) -> tuple[int, dict[str, float]]:
     """Index of the best candidate and its score components.
 
     Args:
         rows: candidates ``(id, version, uncertainty, lesion_prob, priority, grp, embedding)``.
-        refs: labelled/leased scans ``(id, grp, embedding)``.
+        refs: labelled/leased scans, as :class:`References` or rows ``(id, grp, embedding)``.
         pool_groups: scored scans per group (the pool's center/phase mix).
     """
+    if not isinstance(refs, References):
+        refs = References.from_rows(list(refs))
     prio = np.array([r[4] for r in rows], dtype=np.float64)
     u = prio / prio.max() if prio.max() > 0 else np.ones(len(rows))
 
-    dim = next((len(e) for e in (_embedding(r[6]) for r in rows) if e is not None), 0)
-    cand = np.stack([_embedding(r[6]) if r[6] is not None else np.zeros(dim, np.float32) for r in rows]) if dim else None
-    ref_list = [e for e in (_embedding(r[2]) for r in refs) if e is not None and len(e) == dim]
-    if cand is not None and ref_list:
-        ref = np.stack(ref_list)
+    dim = refs.dim
+    has = [r[6] is not None and len(r[6]) == 2 * dim for r in rows]  # float16 blobs
+    d = np.zeros(len(rows))
+    if dim and any(has):
+        cand = np.zeros((len(rows), dim), np.float32)  # a candidate without one: the origin
+        for k, r in enumerate(rows):
+            if has[k]:
+                cand[k] = np.frombuffer(r[6], dtype=np.float16)
+        ref = refs.emb[refs.valid]
         # squared distance via dot products: (n_cand x n_ref) stays small (candidates x max_reference)
         d2 = (cand**2).sum(1)[:, None] + (ref**2).sum(1)[None, :] - 2.0 * cand @ ref.T
         d = np.sqrt(np.clip(d2.min(axis=1), 0, None))
         d = d / d.max() if d.max() > 0 else np.zeros(len(rows))
-    else:
-        d = np.zeros(len(rows))
 
     total = sum(pool_groups.values()) or 1
-    ref_groups = Counter(r[1] for r in refs)
-    n_ref = sum(ref_groups.values())
+    ref_groups = Counter(refs.groups)
+    n_ref = len(refs)
     deficit = np.array(
         [pool_groups.get(r[5], 0) / total - (ref_groups.get(r[5], 0) / n_ref if n_ref else 0.0) for r in rows]
     )
@@ -246,6 +313,7 @@ __all__ = [
     "HybridStrategy",
     "LeasingStrategy",
     "RandomUnlabeled",
+    "References",
     "UncertaintyStrategy",
     "hybrid_choice",
     "make_strategies",

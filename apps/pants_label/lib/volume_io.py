@@ -33,8 +33,10 @@ def _is_nifti(path: str) -> bool:
     return path.endswith((".nii", ".nii.gz"))
 
 
-def load_volume(path: str | os.PathLike, dtype: type = np.float32) -> Volume:
+def load_volume(path: str | os.PathLike, dtype: type | None = np.float32) -> Volume:
     """Load a NIfTI file, an NRRD file or a DICOM series folder as ``Volume``.
+
+    ``dtype=None`` keeps the stored type (scaled NIfTI data comes back as float).
 
     Raises:
         ValueError: the path is not a readable 3-D image (message names the path).
@@ -54,7 +56,7 @@ def load_volume(path: str | os.PathLike, dtype: type = np.float32) -> Volume:
     return Volume(arr, img.affine.astype(np.float64))
 
 
-def _load_with_sitk(path: str, dtype: type) -> Volume:
+def _load_with_sitk(path: str, dtype: type | None) -> Volume:
     import SimpleITK as sitk
 
     try:
@@ -69,7 +71,9 @@ def _load_with_sitk(path: str, dtype: type) -> Volume:
             img = sitk.ReadImage(path)
     except Exception as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
-    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(dtype, copy=False)  # zyx -> xyz
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # zyx -> xyz
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
     direction = np.array(img.GetDirection()).reshape(3, 3)
     spacing = np.array(img.GetSpacing())
     lps = np.eye(4)

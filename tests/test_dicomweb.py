@@ -92,8 +92,9 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             assert proc.returncode == 0, proc.stderr
         conf = {"model_dir": str(base / "model"), "preset": "fast", "datastore_dir": str(base / "state")}
         server = Server(orthanc.dicomweb, base / "server.log", conf=conf, extra_env=trap.env())
-        yield {"root": root, "orthanc": orthanc, "server": server, "conf": conf, "base": base, "trap": trap}
-        server.stop()
+        state = {"root": root, "orthanc": orthanc, "server": server, "conf": conf, "base": base, "trap": trap}
+        yield state
+        state["server"].stop()  # the restart test replaces the server: stop the one running now
     finally:
         orthanc.stop()
 

@@ -10,13 +10,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from server import REPO, free_port
+from server import REPO, free_port, stop_process, wait_until_answers
 
 CONFIG = REPO / "configs" / "orthanc.json"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -53,28 +52,17 @@ class Orthanc:
         self.log = Path(log)
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self._fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{self.dicomweb}/studies", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not answer within {timeout} s:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_until_answers(self.proc, f"{self.dicomweb}/studies", timeout, "Orthanc",
+                               lambda: self.log.read_text()[-3000:])
+        except RuntimeError:
+            self._fh.close()
+            raise
 
     def get(self, path: str) -> object:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._fh.close()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def wait_until_answers(proc: subprocess.Popen, url: str, timeout: float, what: str, tail: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers; raise with the log tail if ``proc`` exits or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail()}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    stop_process(proc)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout} s:\n{tail()}")
 
 
 class Server:
@@ -55,30 +83,18 @@ class Server:
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **(extra_env or {})}
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                urllib.request.urlopen(f"{self.url}/info/", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server did not answer /info/ within {timeout} s:\n{self.tail()}")
+        try:
+            wait_until_answers(self.proc, f"{self.url}/info/", timeout, "server", self.tail)
+        except RuntimeError:
+            self._fh.close()
+            raise
 
     def tail(self, n: int = 4000) -> str:
         self._fh.flush()
         return self.log.read_text()[-n:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._fh.close()
 
 

@@ -26,7 +26,7 @@ import urllib3
 from lib.access import login_client
 from lib.guards import host_given
 from lib.phantom import write_pants_tree
-from server import APP_DIR, REPO, free_port
+from server import APP_DIR, REPO, free_port, stop_process
 
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
@@ -77,13 +77,7 @@ class RawServer:
         return {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN and c.laddr.port == self.port}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._fh.close()
 
 

@@ -37,9 +37,12 @@ demo: setup
 		$(PY) scripts/make_phantoms.py --out data/demo --n 12 --n-test 2 --shape 192 192 128 --spacing 1.6 1.6 2.5; \
 	fi
 
+# The demo starts a fresh campaign: its phantom masks are hidden, so every scan is there to annotate.
+DEMO_CONF := $(if $(filter data/demo,$(STUDIES)),--conf hide_imported_labels true,)
+
 serve: demo
 	$(PY) -m monailabel.main start_server --app apps/pants_label --studies $(STUDIES) \
-		--host $(HOST) --port $(PORT) $(CONF)
+		--host $(HOST) --port $(PORT) $(DEMO_CONF) $(CONF)
 
 test: setup
 	$(PY) -m pytest -q

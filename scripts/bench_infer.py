@@ -132,6 +132,8 @@ def run_one(server: Server, image: str, model: str, params: dict, cap_gb: float,
             break
     wall = time.perf_counter() - t0
     hwm = vm_hwm_gb(server.proc.pid) if server.proc.poll() is None else peak
+    if hwm != hwm:  # nan: a process just killed has no VmHWM left; the sampled peak stands
+        hwm = peak
     lat = (result.get("params") or {}).get("latencies", {})
     return {"wall_s": round(wall, 1), "peak_rss_gb": round(max(hwm, peak), 2), "latencies": lat,
             "error": result.get("error", "")}

@@ -41,7 +41,7 @@ from lib.dicom_seg import label_to_seg, seg_to_label
 from lib.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
 from lib.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
 from lib.labelmap import LabelMap, load_labelmap
-from lib.volume_io import write_label
+from lib.volume_io import write_label, write_volume
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class DICOMwebDatastore(Datastore):
             if not path.is_file():
                 t = time.perf_counter()
                 geom = self.series_geometry(image_id, with_pixels=True)
-                _write_volume(read_volume(geom), geom.affine, path)
+                write_volume(read_volume(geom), geom.affine, path)
                 logger.info(f"image {image_id}: {geom.shape} from DICOMweb in {time.perf_counter() - t:.2f} s")
         return str(path)
 
@@ -568,25 +568,6 @@ class DICOMwebDatastore(Datastore):
         if c is not None:
             c.close()
             self._local.db = None
-
-
-def _write_volume(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write an int16 CT NIfTI atomically."""
-    import nibabel as nib
-
-    from lib.volume_io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        img = nib.Nifti1Image(volume, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["DICOMwebDatastore", "make_client", "store", "default_state_dir", "IMPORTED_TAG", "FINAL_TAG"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,25 +131,37 @@ def atomic_path(final: Path) -> Path:
     return Path(tmp)
 
 
-def write_label(label: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 label map as ``.nii.gz``/``.nii`` or ``.nrrd`` (by suffix), atomically."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     try:
-        if path.name.endswith(".nrrd"):
-            _write_nrrd(label, affine, tmp)
-        else:
-            img = nib.Nifti1Image(label.astype(np.uint8, copy=False), affine)
-            img.header.set_data_dtype(np.uint8)
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
-            nib.save(img, str(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def write_volume(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an array in its own dtype (e.g. an int16 CT) as NIfTI, atomically."""
+    return _atomic_write(Path(path), lambda tmp: _save_nifti(array, affine, tmp))
+
+
+def write_label(label: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 label map as ``.nii.gz``/``.nii`` or ``.nrrd`` (by suffix), atomically."""
+    path = Path(path)
+    if path.name.endswith(".nrrd"):
+        return _atomic_write(path, lambda tmp: _write_nrrd(label, affine, tmp))
+    return write_volume(label.astype(np.uint8, copy=False), affine, path)
 
 
 def _write_nrrd(label: np.ndarray, affine: np.ndarray, path: Path) -> None:

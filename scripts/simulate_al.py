@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mc-samples", type=int, default=2, help="stochastic passes per scan when scoring")
     ap.add_argument("--init-filters", type=int, default=0,
                     help="network width for the simulation (0: presets.yaml); smaller is faster")
+    ap.add_argument("--patch", type=int, nargs=3, default=None,
+                    help="training patch for the simulation (default: presets.yaml, capped at the image)")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="campaigns run in parallel (torch threads split between them)")
@@ -76,6 +78,8 @@ def _specs(args: argparse.Namespace) -> list:
     seg_cfg = load_segmentation_config()
     if args.init_filters:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
+    if args.patch:
+        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"patch_size": list(args.patch)})})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
                   device=args.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 from server import REPO
@@ -13,7 +14,7 @@ simulate_al = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(simulate_al)
 
 ARGS = ["--make-phantoms", "10", "--n-test", "3", "--phantom-seed", "7", "--shape", "16", "16", "12",
-        "--spacing", "6", "6", "6", "--init-filters", "8", "--epochs", "1", "--iterations", "1",
+        "--spacing", "6", "6", "6", "--init-filters", "8", "--patch", "8", "8", "12", "--epochs", "1", "--iterations", "1",
         "--rounds", "2", "--initial", "3", "--batch", "2", "--mc-samples", "1",
         "--strategies", "hybrid", "--seeds", "0"]
 
@@ -32,6 +33,8 @@ def test_campaign_rows_plot_and_resume(tmp_path: Path) -> None:
     assert all(0.0 <= float(r["mean_dsc"]) <= 1.0 for r in rows)
     assert (out / "al_curves.png").stat().st_size > 1000
     assert _rows(out / "al_summary.csv")[0]["strategy"] == "hybrid"
+    stats = json.loads((out / "runs" / "hybrid_s0" / "model" / "train_stats_fast.json").read_text())
+    assert stats["patch"] == [8, 8, 12]  # --patch reaches the app's trainer
     # Interrupted after round 0: the rerun keeps that row and redoes only round 1.
     campaign = out / "runs" / "hybrid_s0" / "rounds.csv"
     lines = campaign.read_text().splitlines()

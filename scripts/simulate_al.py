@@ -78,8 +78,12 @@ def _specs(args: argparse.Namespace) -> list:
     seg_cfg = load_segmentation_config()
     if args.init_filters:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
-    if args.patch:
-        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"patch_size": list(args.patch)})})
+    if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
+        try:
+            training = type(seg_cfg.training).model_validate({**seg_cfg.training.model_dump(), "patch_size": args.patch})
+        except ValueError as err:
+            raise SystemExit(f"--patch {' '.join(map(str, args.patch))}: {err.errors()[0]['msg']}") from None
+        seg_cfg = seg_cfg.model_copy(update={"training": training})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
                   device=args.device)
@@ -121,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    args.out.mkdir(parents=True, exist_ok=True)
     args.pool = args.pool or args.out / "pool"
+    specs = _specs(args)  # settings errors stop the run before anything is written
+    args.out.mkdir(parents=True, exist_ok=True)
     if not (args.pool / "ImageTr").is_dir():
         if not args.make_phantoms:
             raise SystemExit(f"--pool {args.pool}: no ImageTr/ there; pass --make-phantoms N to create phantoms")
@@ -130,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
         write_pants_tree(args.pool, args.make_phantoms, shape=args.shape, spacing=args.spacing,
                          seed=args.phantom_seed, n_test=args.n_test, progress=True)
-    specs = _specs(args)
     total = sum(1 if s.strategy == "full" else s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     bar = tqdm(total=total, desc="rounds", unit="round", initial=_count_rows(specs))

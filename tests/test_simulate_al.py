@@ -7,14 +7,15 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from server import REPO
 
 spec = importlib.util.spec_from_file_location("simulate_al", REPO / "scripts" / "simulate_al.py")
 simulate_al = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(simulate_al)
 
-ARGS = ["--make-phantoms", "10", "--n-test", "3", "--phantom-seed", "7", "--shape", "16", "16", "12",
-        "--spacing", "6", "6", "6", "--init-filters", "8", "--patch", "8", "8", "12", "--epochs", "1", "--iterations", "1",
+ARGS = ["--make-phantoms", "10", "--n-test", "3", "--phantom-seed", "7", "--shape", "24", "24", "16",
+        "--spacing", "6", "6", "6", "--init-filters", "8", "--patch", "16", "16", "16", "--epochs", "1", "--iterations", "1",
         "--rounds", "2", "--initial", "3", "--batch", "2", "--mc-samples", "1",
         "--strategies", "hybrid", "--seeds", "0"]
 
@@ -34,7 +35,7 @@ def test_campaign_rows_plot_and_resume(tmp_path: Path) -> None:
     assert (out / "al_curves.png").stat().st_size > 1000
     assert _rows(out / "al_summary.csv")[0]["strategy"] == "hybrid"
     stats = json.loads((out / "runs" / "hybrid_s0" / "model" / "train_stats_fast.json").read_text())
-    assert stats["patch"] == [8, 8, 12]  # --patch reaches the app's trainer
+    assert stats["patch"] == [16, 16, 16]  # --patch reaches the app's trainer
     # Interrupted after round 0: the rerun keeps that row and redoes only round 1.
     campaign = out / "runs" / "hybrid_s0" / "rounds.csv"
     lines = campaign.read_text().splitlines()
@@ -42,3 +43,10 @@ def test_campaign_rows_plot_and_resume(tmp_path: Path) -> None:
     assert simulate_al.main(["--out", str(out), *ARGS]) == 0
     again = _rows(campaign)
     assert len(again) == 2 and again[0] == _rows(out / "al_rounds.csv")[0]
+
+
+def test_bad_patch_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    with pytest.raises(SystemExit, match="--patch 8 8 12: .*multiple of 8"):
+        simulate_al.main(["--out", str(out), *ARGS, "--patch", "8", "8", "12"])
+    assert not out.exists()

@@ -29,11 +29,13 @@ def test_campaign_rows_plot_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "sim"
     assert simulate_al.main(["--out", str(out), *ARGS]) == 0
     rows = _rows(out / "al_rounds.csv")
-    assert [(r["strategy"], r["labels"]) for r in rows] == [("hybrid", "3"), ("hybrid", "5"), ("full", "7")]
+    assert [(r["strategy"], r["labels"]) for r in rows] == [("hybrid", "3"), ("hybrid", "5"), ("full", "7"), ("full", "7")]
     assert len(eval(rows[0]["selected"])) == 2 and rows[1]["selected"] == "[]"
     assert all(0.0 <= float(r["mean_dsc"]) <= 1.0 for r in rows)
     assert (out / "al_curves.png").stat().st_size > 1000
-    assert _rows(out / "al_summary.csv")[0]["strategy"] == "hybrid"
+    summary = _rows(out / "al_summary.csv")[0]
+    assert summary["strategy"] == "hybrid" and summary["final_labels"] == "5"
+    assert float(summary["final_lesion_scans"]) == float(rows[1]["lesion_scans_labelled"])
     stats = json.loads((out / "runs" / "hybrid_s0" / "model" / "train_stats_fast.json").read_text())
     assert stats["patch"] == [16, 16, 16]  # --patch reaches the app's trainer
     # Interrupted after round 0: the rerun keeps that row and redoes only round 1.
@@ -50,3 +52,12 @@ def test_bad_patch_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--patch 8 8 12: .*multiple of 8"):
         simulate_al.main(["--out", str(out), *ARGS, "--patch", "8", "8", "12"])
     assert not out.exists()
+
+
+def test_full_pool_reference_is_each_seeds_last_round() -> None:
+    from lib.al_campaign import full_pool_reference
+
+    rows = [{"strategy": "full", "seed": str(seed), "round": str(rnd), "mean_dsc": str(v)}
+            for seed, rnd, v in [(0, 0, 0.1), (0, 1, 0.5), (1, 1, 0.7), (1, 0, 0.2)]]
+    rows.append({"strategy": "random", "seed": "0", "round": "3", "mean_dsc": "0.9"})
+    assert full_pool_reference(rows, "mean_dsc") == pytest.approx(0.6)

@@ -50,7 +50,7 @@ FIELDS = [
 class CampaignSpec:
     pool: Path
     out: Path
-    strategy: str  # a name from lib.strategies.make_strategies, or "full" (every pool label at once)
+    strategy: str  # a name from lib.strategies.make_strategies, or "full" (every pool label from round 0)
     seed: int
     initial: int
     batch: int
@@ -138,10 +138,10 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     seg = Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device)
     scorer = PanTSScoring(Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device), spec.al_cfg)
     strategy = None if spec.strategy == "full" else make_strategies(spec.al_cfg.strategies, seed=spec.seed)[spec.strategy]
-    n_rounds = 1 if spec.strategy == "full" else spec.rounds
+    # "full" follows the campaigns' schedule round for round (same warm-started fine-tunes), so its
+    # last round differs from theirs only in the labels; one long run instead trained worse.
+    n_rounds = spec.rounds
     request = dict(spec.train_request)
-    if spec.strategy == "full":  # the same total training as a whole campaign, in one go
-        request["max_epochs"] = int(request["max_epochs"]) * spec.rounds
 
     for rnd in range(len(rows), n_rounds):
         torch.manual_seed(spec.seed * 1000 + rnd)
@@ -194,16 +194,24 @@ def labels_to_reach(labels: list[float], values: list[float], target: float) -> 
     return math.inf
 
 
+def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
+    """The full-pool value: each seed's last "full" round (same schedule as the campaigns), averaged."""
+    last: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["strategy"] == "full" and int(r["round"]) >= int(last.get(r["seed"], {"round": -1})["round"]):
+            last[r["seed"]] = r
+    return float(np.nanmean([float(r[metric]) for r in last.values()])) if last else math.nan
+
+
 def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc")) -> list[dict[str, Any]]:
     """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves)."""
-    full = [r for r in rows if r["strategy"] == "full"]
     out = []
     strategies = sorted({r["strategy"] for r in rows} - {"full"})
     for s in strategies:
         mine = [r for r in rows if r["strategy"] == s]
         rec: dict[str, Any] = {"strategy": s, "seeds": len({r["seed"] for r in mine})}
         for m in metrics:
-            ref = np.nanmean([float(r[m]) for r in full]) if full else math.nan
+            ref = full_pool_reference(rows, m)
             by_labels: dict[int, list[float]] = {}
             for r in mine:
                 by_labels.setdefault(int(r["labels"]), []).append(float(r[m]))
@@ -219,6 +227,11 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 rs = sorted((r for r in mine if r["seed"] == seed), key=lambda r: int(r["labels"]))
                 per_seed.append(labels_to_reach([int(r["labels"]) for r in rs], [float(r[m]) for r in rs], target))
             rec[f"per_seed_{m}"] = per_seed
+        # what the strategy served, whatever the model learnt: lesion scans among the labelled
+        last = max(int(r["labels"]) for r in mine)
+        rec["final_labels"] = last
+        rec["final_lesion_scans"] = round(float(np.mean(
+            [int(r["lesion_scans_labelled"]) for r in mine if int(r["labels"]) == last])), 2)
         out.append(rec)
     return out
 
@@ -234,7 +247,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
               "lesion_auc": "lesion detection AUC", "whole_pancreas_dsc": "whole pancreas DSC"}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     strategies = sorted({r["strategy"] for r in rows} - {"full"})
-    full = [r for r in rows if r["strategy"] == "full"]
+    has_full = any(r["strategy"] == "full" for r in rows)
     for ax, m in zip(axes[0], metrics):
         for s in strategies:
             by: dict[int, list[float]] = {}
@@ -247,8 +260,8 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
             hi = np.array([np.nanmax(by[n]) if not np.all(np.isnan(by[n])) else np.nan for n in x])
             (line,) = ax.plot(x, y, marker="o", label=s)
             ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
-        if full:
-            ref = np.nanmean([float(r[m]) for r in full])
+        if has_full:
+            ref = full_pool_reference(rows, m)
             ax.axhline(ref, ls="--", color="k", lw=1, label="full pool")
             if m != "lesion_auc":
                 ax.axhline(0.95 * ref, ls=":", color="k", lw=1, label="95% of full pool")
@@ -263,4 +276,4 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     return path
 
 
-__all__ = ["CampaignSpec", "FIELDS", "evaluate", "labels_to_reach", "plot_curves", "read_rows", "run_campaign", "summarize"]
+__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_reference", "labels_to_reach", "plot_curves", "read_rows", "run_campaign", "summarize"]

@@ -245,9 +245,10 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
 
     titles = {"mean_dsc": "test DSC, mean over classes", "lesion_dsc": "test lesion DSC",
               "lesion_auc": "lesion detection AUC", "whole_pancreas_dsc": "whole pancreas DSC"}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    strategies = sorted({r["strategy"] for r in rows} - {"full"})
     has_full = any(r["strategy"] == "full" for r in rows)
+    n = len(metrics) + int(has_full)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    strategies = sorted({r["strategy"] for r in rows} - {"full"})
     for ax, m in zip(axes[0], metrics):
         for s in strategies:
             by: dict[int, list[float]] = {}
@@ -269,6 +270,20 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
         ax.set_xlabel("labelled scans")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    if has_full:  # by round: a full-pool curve that tracks the campaigns means training, not labels, limits
+        ax = axes[0][-1]
+        for s in [*strategies, "full"]:
+            by = {}
+            for r in rows:
+                if r["strategy"] == s:
+                    by.setdefault(int(r["round"]), []).append(float(r["mean_dsc"]))
+            x = sorted(by)
+            ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", ls="--" if s == "full" else "-",
+                    color="k" if s == "full" else None, label=s)
+        ax.set_title("test DSC, mean over classes, by round")
+        ax.set_xlabel("round (same training per round)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -18,18 +18,17 @@ Tables:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lib.sqlite_file import SQLiteFile
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def loads(text: str | None) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-class Index:
+class Index(SQLiteFile):
     """Connections and SQL for one index file.
 
     Args:
@@ -155,56 +154,9 @@ class Index:
     """
 
     def __init__(self, path: Path, busy_timeout_s: float = 60.0) -> None:
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
+        # Label files are fsynced before their row is committed, so NORMAL (the default) is enough.
+        super().__init__(path, busy_timeout_s)
         self._create_schema()
-
-    # ---- connections -------------------------------------------------------------------------
-    def conn(self) -> sqlite3.Connection:
-        """This thread's connection (a new one after ``fork``: SQLite handles must not cross it)."""
-        c: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if c is None or getattr(self._local, "pid", None) != os.getpid():
-            c = sqlite3.connect(
-                str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            c.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            c.execute("PRAGMA journal_mode = WAL")
-            # NORMAL is safe with WAL (no corruption; at worst the last commit is lost on power cut);
-            # label files themselves are fsynced before their row is committed.
-            c.execute("PRAGMA synchronous = NORMAL")
-            c.execute("PRAGMA foreign_keys = OFF")
-            self._local.conn = c
-            self._local.pid = os.getpid()
-        return c
-
-    def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None and getattr(self._local, "pid", None) == os.getpid():
-            c.close()
-        self._local.conn = None
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction; ``IMMEDIATE`` takes the write lock up front (no upgrade deadlock)."""
-        c = self.conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: several SELECTs see one snapshot."""
-        c = self.conn()
-        c.execute("BEGIN")
-        try:
-            yield c
-        finally:
-            c.execute("COMMIT")
 
     def _create_schema(self) -> None:
         with self.write() as db:
@@ -317,13 +269,9 @@ class Index:
 
         With ``unleased_at`` (a time), scans under a lease live at that time are left out.
         """
-        where, args = self._label_filter(tags, imported_tag, hide_imported, False)
-        where, args = _and_unleased(where, args, unleased_at)
-        q = (
-            "SELECT i.id, json_extract(i.info, ?) FROM images i "
-            f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
-        )
-        return list(self.conn().execute(q, (json_path, *splits, *args)))
+        where, args = self._served_unlabeled(splits, tags, imported_tag, hide_imported, unleased_at)
+        q = f"SELECT i.id, json_extract(i.info, ?) FROM images i WHERE {where}"
+        return list(self.conn().execute(q, (json_path, *args)))
 
     def rowid_range(self) -> tuple[int, int] | None:
         # Two sub-selects: SQLite answers a lone MIN or MAX from the b-tree's ends, but a
@@ -344,13 +292,18 @@ class Index:
         unleased_at: float | None = None,
     ) -> tuple[str, Any] | None:
         """``(id, info at json_path)`` if the image at ``rowid`` is served and unlabeled, else None."""
+        where, args = self._served_unlabeled(splits, tags, imported_tag, hide_imported, unleased_at)
+        q = f"SELECT i.id, json_extract(i.info, ?) FROM images i WHERE i.rowid = ? AND {where}"
+        return self.conn().execute(q, (json_path, rowid, *args)).fetchone()
+
+    def _served_unlabeled(
+        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool,
+        unleased_at: float | None,
+    ) -> tuple[str, list[Any]]:
+        """WHERE clause (on ``images i``) and its arguments: live, in ``splits``, unlabeled, unleased."""
         where, args = self._label_filter(tags, imported_tag, hide_imported, False)
         where, args = _and_unleased(where, args, unleased_at)
-        q = (
-            "SELECT i.id, json_extract(i.info, ?) FROM images i "
-            f"WHERE i.rowid = ? AND i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
-        )
-        return self.conn().execute(q, (json_path, rowid, *splits, *args)).fetchone()
+        return f"i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}", [*splits, *args]
 
     def count_labeled(self, splits: Sequence[str], imported_tag: str, hide_imported: bool) -> dict[str, int]:
         """Live labels per tag over the given splits (``status()``)."""

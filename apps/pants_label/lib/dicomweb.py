@@ -19,14 +19,13 @@ strategy timestamps) and label history survive a restart::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from lib.dicom_seg import label_to_seg, seg_to_label
 from lib.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
 from lib.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
 from lib.labelmap import LabelMap, load_labelmap
+from lib.sqlite_file import SQLiteFile
 from lib.volume_io import write_label, write_volume
 
 logger = logging.getLogger(__name__)
@@ -156,8 +156,10 @@ class DICOMwebDatastore(Datastore):
         self.state_dir = Path(state_dir or default_state_dir(self.url)).expanduser().resolve()
         for sub in ("dicom", "images", "labels", "segs"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._db_path = self.state_dir / "index.sqlite"
-        self._local = threading.local()
+        # FULL is SQLite's default and what this index always had; the PanTS index relaxes it only
+        # because its label files are fsynced before their rows
+        self._sql = SQLiteFile(self.state_dir / "index.sqlite", synchronous="FULL")
+        self._db, self._write = self._sql.conn, self._sql.write
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -169,27 +171,7 @@ class DICOMwebDatastore(Datastore):
         self._description = f"CT series and DICOM SEG labels in {self.url}"
         logger.info(f"DICOMweb datastore {self.url}; state in {self.state_dir}")
 
-    # ---- sqlite --------------------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        c = getattr(self._local, "db", None)
-        if c is None or getattr(self._local, "pid", None) != os.getpid():
-            c = sqlite3.connect(str(self._db_path), timeout=60, isolation_level=None, check_same_thread=False)
-            c.execute("PRAGMA journal_mode = WAL")
-            c.execute("PRAGMA busy_timeout = 60000")
-            self._local.db, self._local.pid = c, os.getpid()
-        return c
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
+    # ---- locks ----------------------------------------------------------------------------------
     def _lock(self, key: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
@@ -564,10 +546,7 @@ class DICOMwebDatastore(Datastore):
         raise DatastoreError(501, "dataset archives are not built over DICOMweb; export from the PACS")
 
     def close(self) -> None:
-        c = getattr(self._local, "db", None)
-        if c is not None:
-            c.close()
-            self._local.db = None
+        self._sql.close()
 
 
 __all__ = ["DICOMwebDatastore", "make_client", "store", "default_state_dir", "IMPORTED_TAG", "FINAL_TAG"]

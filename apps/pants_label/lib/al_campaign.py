@@ -140,19 +140,16 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     strategy = None if spec.strategy == "full" else make_strategies(spec.al_cfg.strategies, seed=spec.seed)[spec.strategy]
     # "full" follows the campaigns' schedule round for round (same warm-started fine-tunes), so its
     # last round differs from theirs only in the labels; one long run instead trained worse.
-    n_rounds = spec.rounds
-    request = dict(spec.train_request)
-
-    for rnd in range(len(rows), n_rounds):
+    for rnd in range(len(rows), spec.rounds):
         torch.manual_seed(spec.seed * 1000 + rnd)
         labelled = ds.revealed_images()
         t0 = time.time()
-        res = trainer(dict(request), ds)
+        res = trainer(dict(spec.train_request), ds)
         train_s = time.time() - t0
         metrics = evaluate(ds, seg, lm)
         selected: list[str] = []
         score_s = select_s = 0.0
-        if strategy is not None and rnd < n_rounds - 1:
+        if strategy is not None and rnd < spec.rounds - 1:
             if spec.strategy != "random":  # random needs no scores
                 t1 = time.time()
                 run_scoring(scorer, ds)
@@ -206,12 +203,13 @@ def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
 def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc")) -> list[dict[str, Any]]:
     """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves)."""
     out = []
+    refs = {m: full_pool_reference(rows, m) for m in metrics}
     strategies = sorted({r["strategy"] for r in rows} - {"full"})
     for s in strategies:
         mine = [r for r in rows if r["strategy"] == s]
         rec: dict[str, Any] = {"strategy": s, "seeds": len({r["seed"] for r in mine})}
         for m in metrics:
-            ref = full_pool_reference(rows, m)
+            ref = refs[m]
             by_labels: dict[int, list[float]] = {}
             for r in mine:
                 by_labels.setdefault(int(r["labels"]), []).append(float(r[m]))

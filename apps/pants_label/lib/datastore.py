@@ -926,12 +926,11 @@ class PanTSDatastore(Datastore):
             d.update({"version": version, "ts": int(ts)})
             by_image.setdefault(image_id, {})[tag] = {"ext": ".nii.gz", "info": d}
         objects = {}
-        imported_info = {"source": "PanTS per-structure masks"}
         for row in images:
             image_id = row[0]
             labs = by_image.get(image_id, {})
             if self._imported_visible(row):
-                labs[IMPORTED_TAG] = {"ext": ".nii.gz", "info": imported_info}
+                labs[IMPORTED_TAG] = {"ext": ".nii.gz", "info": {"source": "PanTS per-structure masks"}}
             info = self._compose_info(row, with_path=False)
             objects[image_id] = {"image": {"ext": info["name"][len(image_id):], "info": info}, "labels": labs}
         return {

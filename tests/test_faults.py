@@ -25,6 +25,8 @@ import psutil
 import pytest
 import requests
 
+from lib.atomic import TMP_NAME
+from lib.atomic import tmp_path as atomic_tmp_path
 from lib.labelmap import load_labelmap
 from lib.model_store import model_path, publish
 from lib.phantom import write_pants_tree
@@ -170,7 +172,7 @@ def test_kill9_during_label_saves_loses_no_acknowledged_label(dataset: Path, tmp
     # What a kill inside a save leaves at worst: a partial temp file (killed while writing) and a
     # complete file whose index row was never committed (killed between rename and commit).
     folder = state / "labels" / "final" / images[0]
-    (folder / ".tmp-0123abcd.nii.gz").write_bytes(files[0][1].read_bytes()[:100])
+    atomic_tmp_path(folder / "v9998.nii.gz").write_bytes(files[0][1].read_bytes()[:100])
     shutil.copy(files[1][1], folder / "v9999.nii.gz")
 
     server = Server(dataset, tmp_path / "server2.log", conf=conf)
@@ -255,12 +257,12 @@ def test_training_crash_and_kill9_keep_the_published_model(dataset: Path, tmp_pa
     finally:
         kill9_tree(server)
     # what a kill inside publish() would leave: a partial temp file beside the model
-    (model_dir / ".segresnet_fast.pt.abcd1234.tmp").write_bytes(published.read_bytes()[:1000])
+    atomic_tmp_path(published).write_bytes(published.read_bytes()[:1000])
 
     server = Server(dataset, tmp_path / "server2.log", conf=conf)
     try:
         assert sha256(published) == digest, "the published model changed"
-        assert not list(model_dir.glob(".*.tmp")), "a partial model file was left"
+        assert not [p for p in model_dir.iterdir() if TMP_NAME.match(p.name)], "a partial model file was left"
         assert train_stats(server.url)["status"] == "INTERRUPTED"
         model = requests.get(f"{server.url}/info/", timeout=30).json()["models"]["segmentation"]
         assert model["trained"] is True

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.atomic import TMP_NAME
 from lib.datastore import PanTSDatastore
 from lib.labelmap import load_labelmap
 from lib.model_store import publish
@@ -77,7 +78,7 @@ def test_a_worse_model_is_never_published(pool) -> None:
     assert stats["best_metric"] < stats["baseline_metric"]
     assert stats["published"] is False
     assert _digest(current) == digest and current.stat().st_mtime_ns == mtime
-    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]  # no half-written file left
+    assert not [p for p in model_dir.iterdir() if TMP_NAME.match(p.name)]  # no half-written file left
     served_after, _ = infer.segment(image)
     np.testing.assert_array_equal(served_after, served_before)
     assert infer.info.meta["summary"] == "current"

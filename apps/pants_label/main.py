@@ -129,7 +129,7 @@ class PanTSLabelApp(MONAILabelApp):
         from lib.guards import install_server_guards
         from lib.recovery import recover
 
-        recover(getattr(self.datastore(), "state_dir", None), self.model_dir)
+        recover(self.datastore(), self.model_dir)
         s = self.settings
         install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
         super().on_init_complete()
@@ -154,6 +154,21 @@ class PanTSLabelApp(MONAILabelApp):
         if res is None:
             logger.info(f"scoring not started: {detail}")
         return res is not None
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's infer, with a client's uploaded or session image checked first.
+
+        MONAI Label passes an uploaded file (or a session's image) as an absolute path; image ids
+        never are one (the request guard refuses ids that could be paths). Such a file is checked
+        like every other client file (:func:`lib.volume_decode.check_client_image`) before any
+        reader sees it.
+        """
+        image = request.get("image")
+        if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
+            from lib.volume_decode import check_client_image
+
+            check_client_image(image, "uploaded image")
+        return super().infer(request, datastore)
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         super().on_save_label(image_id, label_id)

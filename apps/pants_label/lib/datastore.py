@@ -47,6 +47,7 @@ import nibabel as nib
 import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
+from lib.atomic import atomic_write, commit, staged
 from lib.config_errors import ConfigError
 from lib.datastore_index import Index, dumps, loads
 from lib.label_upload import (
@@ -56,12 +57,12 @@ from lib.label_upload import (
     check_image_id,
     check_label,
     check_tag,
-    fsync_dir,
     read_geometry,
     split_label_map,
-    write_nifti_tmp,
+    write_label_gz,
 )
 from lib.labelmap import LabelMap, load_labelmap
+from lib.volume_decode import check_client_image
 
 logger = logging.getLogger(__name__)
 
@@ -493,22 +494,12 @@ class PanTSDatastore(Datastore):
         existing = self.index.image_row(image_id)
         if existing is not None and existing[4] != 1:
             raise DatastoreError(409, f"image {image_id!r} already exists; remove it first or use another id")
-        try:
-            geom = read_geometry(src)
-        except Exception as err:
-            raise DatastoreError(415, f"uploaded image is not a readable NIfTI file ({err})") from None
-        if len(geom.shape) != 3:
-            raise DatastoreError(422, f"uploaded image must be 3-D, got shape {geom.shape}")
-        with open(src, "rb") as fh:
-            ext = ".nii.gz" if fh.read(2) == b"\x1f\x8b" else ".nii"
+        hdr = check_client_image(src, "uploaded image")
+        if hdr.kind != "nifti":
+            raise DatastoreError(415, "uploaded image is not a NIfTI file; send a .nii or .nii.gz")
+        ext = ".nii" if hdr.gzip_from is None else ".nii.gz"
         dest = self.state_dir / "images" / f"{image_id}{ext}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".tmp-{os.getpid()}-{threading.get_ident()}{ext}"
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
         with self.index.write() as db:
             db.execute(
                 "INSERT INTO images (id, split, path, added_ts, info) VALUES (?, 'added', ?, ?, ?) "
@@ -703,6 +694,10 @@ class PanTSDatastore(Datastore):
             for v, p, o, ts, i in self.index.label_versions(image_id, tag)
         ]
 
+    def stored_label_files(self) -> set[Path]:
+        """Every label file a row of the index points at (start-up recovery keeps these)."""
+        return {self._abs(p) for p in self.index.label_paths()}
+
     def get_label_version_uri(self, image_id: str, tag: str, version: int) -> str:
         for v in self.label_versions(image_id, tag):
             if v["version"] == int(version):
@@ -730,7 +725,8 @@ class PanTSDatastore(Datastore):
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)
 
         folder = self.state_dir / "labels" / tag / image_id
-        tmp = write_nifti_tmp(checked.array, image.affine, folder)
+        with staged(folder / "label.nii.gz") as tmp:
+            write_label_gz(checked.array, image.affine, tmp)
         try:
             now = time.time()
             with self.index.write() as db:  # holds the write lock: version numbers cannot collide
@@ -746,14 +742,13 @@ class PanTSDatastore(Datastore):
                 }
                 if checked.mapping and any(k != v for k, v in checked.mapping.items()):
                     info["mapping"] = {str(k): v for k, v in checked.mapping.items()}
-                os.replace(tmp, dest)
+                commit(tmp, dest)
                 self.index.insert_label(db, image_id, tag, version, self._state_rel(dest), "upload", now, info)
                 if tag == FINAL_TAG:  # a final label ends the scan's lease (active learning)
                     self.index.release_leases([image_id], db)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(folder)
         logger.info("saved label %s tag=%s v%d (%s)", image_id, tag, version, checked.counts)
         return image_id
 

@@ -357,6 +357,10 @@ class Index(SQLiteFile):
     def current_tags(self, image_id: str) -> list[str]:
         return [r[0] for r in self.conn().execute("SELECT tag FROM current WHERE image_id = ?", (image_id,))]
 
+    def label_paths(self) -> list[str]:
+        """Stored paths of every label version (removals have none)."""
+        return [p for (p,) in self.conn().execute("SELECT path FROM labels WHERE path IS NOT NULL")]
+
     def label_versions(self, image_id: str, tag: str) -> list[tuple]:
         return list(
             self.conn().execute(

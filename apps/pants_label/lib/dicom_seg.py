@@ -257,6 +257,41 @@ def segment_to_class(seg: Dataset, lm: LabelMap) -> dict[int, int]:
     return out
 
 
+#: most segments a SEG may describe (one per class is all that maps to the label map)
+MAX_SEGMENTS = 255
+
+
+def check_seg_size(seg_ds: Dataset, geometry: SeriesGeometry) -> None:
+    """Refuse a SEG whose header does not fit the series, before any pixel is decoded: its frames
+    must have the series' rows and columns, be at most one per segment and slice, and its pixel
+    data must be as long as they say (a header cannot make the decoder allocate more).
+
+    Raises:
+        ValueError: naming the field that does not fit.
+    """
+    cols, rows, slices = geometry.shape
+    try:
+        n_rows, n_cols = int(seg_ds.Rows), int(seg_ds.Columns)
+        frames = int(getattr(seg_ds, "NumberOfFrames", 1) or 1)
+        bits = int(seg_ds.BitsAllocated)
+        segments = len(seg_ds.SegmentSequence)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"the SEG header is incomplete ({err})") from None
+    if (n_rows, n_cols) != (rows, cols):
+        raise ValueError(f"SEG frames are {n_rows}x{n_cols}; the CT series has {rows}x{cols}")
+    if not 1 <= segments <= MAX_SEGMENTS:
+        raise ValueError(f"SEG describes {segments} segments; 1..{MAX_SEGMENTS} are accepted")
+    if not 1 <= frames <= segments * slices:
+        raise ValueError(f"SEG has {frames} frames; at most {segments * slices} (segments x slices) fit this series")
+    if bits not in (1, 8):
+        raise ValueError(f"SEG BitsAllocated {bits} is not 1 or 8")
+    pixel_data = seg_ds.get("PixelData") if isinstance(seg_ds, Dataset) else None
+    if pixel_data:  # absent from a metadata-only answer
+        need = (frames * rows * cols * bits + 7) // 8
+        if len(pixel_data) < need:
+            raise ValueError(f"SEG pixel data holds {len(pixel_data)} bytes; its header needs {need}")
+
+
 def seg_to_label(seg_ds: Dataset, geometry: SeriesGeometry, lm: LabelMap | None = None) -> np.ndarray:
     """Decode a SEG over ``geometry``'s series into a uint8 label map ``a[i, j, k]``.
 
@@ -266,6 +301,7 @@ def seg_to_label(seg_ds: Dataset, geometry: SeriesGeometry, lm: LabelMap | None 
         ValueError: the SEG names unknown classes or does not reference this series.
     """
     lm = lm or load_labelmap()
+    check_seg_size(seg_ds, geometry)
     seg = seg_ds if isinstance(seg_ds, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg_ds)
     lut_map = segment_to_class(seg, lm)
     uids = geometry.sop_instance_uids
@@ -292,6 +328,7 @@ def seg_to_label(seg_ds: Dataset, geometry: SeriesGeometry, lm: LabelMap | None 
 
 __all__ = [
     "DEFAULT_SEG_CODES",
+    "check_seg_size",
     "SegCoding",
     "align_to_series",
     "dicom_lab_to_rgb",

@@ -35,12 +35,14 @@ from dicomweb_client import DICOMwebClient
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from pydicom.dataset import Dataset
 
+from lib.atomic import staged_dir
 from lib.datastore_index import dumps, loads
-from lib.dicom_seg import label_to_seg, seg_to_label
+from lib.dicom_seg import check_seg_size, label_to_seg, seg_to_label
 from lib.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
 from lib.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
 from lib.labelmap import LabelMap, load_labelmap
 from lib.sqlite_file import SQLiteFile
+from lib.volume_decode import check_client_image
 from lib.volume_io import write_label, write_volume
 
 logger = logging.getLogger(__name__)
@@ -263,17 +265,9 @@ class DICOMwebDatastore(Datastore):
         return self.state_dir / "images" / f"{image_id}.nii.gz"
 
     def _download_series(self, study: str, series: str, folder: Path) -> None:
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
+        with staged_dir(folder) as tmp:
             for ds in self.client.retrieve_series(study, series):
                 ds.save_as(str(tmp / f"{ds.SOPInstanceUID}.dcm"), write_like_original=False)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                for f in tmp.iterdir():
-                    f.unlink()
-                tmp.rmdir()
 
     def series_geometry(self, image_id: str, with_pixels: bool = False) -> SeriesGeometry:
         """The CT series' instances (downloaded once) sorted into a volume grid."""
@@ -324,6 +318,7 @@ class DICOMwebDatastore(Datastore):
         from lib.dicom_series import stable_uid
         from lib.volume_io import load_volume
 
+        check_client_image(image_filename, "uploaded image")
         try:
             vol = load_volume(image_filename)
         except ValueError as err:
@@ -401,6 +396,10 @@ class DICOMwebDatastore(Datastore):
             if not out.is_file():
                 study = self._series_row(image_id)[0]
                 geom = self.series_geometry(image_id)
+                try:  # sizes from the metadata first: the pixel data is fetched only if they fit
+                    check_seg_size(Dataset.from_json(self.client.retrieve_series_metadata(study, seg_uid)[0]), geom)
+                except ValueError as err:
+                    raise DatastoreError(422, f"SEG series {seg_uid}: {err}") from None
                 seg_ds = self.client.retrieve_series(study, seg_uid)
                 if len(seg_ds) != 1:
                     raise DatastoreError(502, f"SEG series {seg_uid} holds {len(seg_ds)} instances; expected 1")
@@ -416,12 +415,21 @@ class DICOMwebDatastore(Datastore):
         for tags kept only here (``original``), the newest local version. '' if none."""
         image_id = check_image_id(label_id, "label")
         tag = check_tag(label_tag or FINAL_TAG)
+        local = self._latest_local(image_id, tag)
         if tag in (FINAL_TAG, IMPORTED_TAG):
             seg = self._latest_seg(image_id, tag)
-            if seg:
+            if seg and not (local is not None and self._local_is_newer(local, seg)):
                 return str(self._decode_seg(image_id, seg))
-        local = self._latest_local(image_id, tag)
         return str(self.state_dir / local[1]) if local else ""
+
+    def _local_is_newer(self, local: tuple, seg_uid: str) -> bool:
+        """A version saved here whose SEG the server refused (502) is newer than every SEG made
+        before it: it is served from here until a newer SEG appears."""
+        if local[2] is not None:  # its SEG was stored: the SEG listing serves it (or a newer one)
+            return False
+        row = self._db().execute("SELECT created FROM segs WHERE id = ?", (seg_uid,)).fetchone()
+        saved = time.strftime("%Y%m%d%H%M%S", time.localtime(float(local[3])))
+        return row is None or str(row[0])[:14] <= saved
 
     def get_label(self, label_id: str, label_tag: str, params: Any = None) -> Any:
         uri = self.get_label_uri(label_id, label_tag)
@@ -446,6 +454,10 @@ class DICOMwebDatastore(Datastore):
         if seg:
             info["SeriesInstanceUID"] = seg
         return info
+
+    def stored_label_files(self) -> set[Path]:
+        """Every label file a row of the index points at (start-up recovery keeps these)."""
+        return {self.state_dir / p for (p,) in self._db().execute("SELECT path FROM labels")}
 
     # ---- labels: writing -------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:

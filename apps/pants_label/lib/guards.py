@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from lib.config_errors import ConfigError
+from lib.errors import ClientError
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_FIELD_BYTES = 1 << 20
 #: multipart framing and small fields allowed on top of ``max_upload_mb``
 _FORM_OVERHEAD = 64 << 10
+#: longest upload file name (MONAI Label names its temp file with the name's suffixes)
+MAX_FILENAME_BYTES = 200
+#: ``params`` keys the server sets itself: a client must not point them at server files
+_SERVER_OWNED_PARAMS = ("image", "label", "session", "model", "datastore")
 #: numbers in request JSON beyond this magnitude are refused (no endpoint needs them)
 MAX_ABS_NUMBER = 1e12
 #: query parameters that are counts: (min, max)
@@ -304,6 +309,17 @@ def check_query_ints(scope: Scope, ranges: dict[str, tuple[int, int]]) -> None:
                 raise Refused(422, f"query parameter {key}={raw[:40]!r}: must be an integer in {lo}..{hi}")
 
 
+def check_filename(raw: bytes, field: str) -> None:
+    """Refuse upload file names that are too long or hold control characters (NUL, newline, ...)."""
+    if len(raw) > MAX_FILENAME_BYTES:
+        raise Refused(400, f"file name of form field {field!r} is {len(raw)} bytes long; "
+                           f"at most {MAX_FILENAME_BYTES} are accepted")
+    bad = sorted({c for c in raw if c < 0x20 or c == 0x7F})
+    if bad:
+        raise Refused(400, f"file name of form field {field!r} contains control characters "
+                           f"({', '.join(f'0x{c:02x}' for c in bad)}); rename the file")
+
+
 class _FormFields:
     """Collects the small fields of a multipart body (``name -> bytes``) and the file field names."""
 
@@ -345,7 +361,10 @@ class _FormFields:
         _, opts = parse_options_header(self._headers.get("content-disposition", ""))
         self._name = opts.get(b"name", b"").decode("utf-8", "replace")
         self._is_file = b"filename" in opts
+        if self._name in self.fields or self._name in self.files:
+            raise Refused(400, f"form field {self._name!r} appears more than once; send each field once")
         if self._is_file:
+            check_filename(opts[b"filename"], self._name)
             self.files.add(self._name)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -600,8 +619,17 @@ class RequestGuard:
                     raise
                 if route.kind == "infer" and parsed:
                     check_range(parsed, _INFER_NUMBERS, "params")
+                    owned = [k for k in _SERVER_OWNED_PARAMS if k in parsed]
+                    if owned:
+                        spool.close()
+                        raise Refused(400, f"params.{owned[0]} is set by the server; send the image id as the "
+                                           "'image' query parameter or the image as the 'file' part")
         if route.kind == "infer":
-            self._check_infer_image(scope, files)
+            try:
+                self._check_infer_image(scope, files, route)
+            except BaseException:
+                spool.close()
+                raise
         return self._replay(spool, total, receive)
 
     def _parse_form(self, scope: Scope, media: str, spool: Any) -> tuple[dict[str, bytes], set[str]]:
@@ -631,20 +659,24 @@ class RequestGuard:
             raise Refused(400, f"the multipart/form-data body is malformed ({err})") from None
         return collector.fields, collector.files
 
-    def _check_infer_image(self, scope: Scope, files: set[str]) -> None:
+    def _check_infer_image(self, scope: Scope, files: set[str], route: Route) -> None:
+        """Image ids are checked on every datastore: MONAI Label reads an id that names an
+        existing path as that path."""
+        if "label" in files and not getattr(getattr(self.get_instance(), "_infers", {}).get(route.name), "takes_label", False):
+            raise Refused(400, f"model {route.name!r} takes no 'label' part; send the image only")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         image = (query.get("image") or [""])[0]
         if not image or "file" in files or query.get("session_id"):
             return
-        datastore = self.get_instance().datastore()
-        if type(datastore).__name__ != "PanTSDatastore":
-            return  # remote datastores resolve ids themselves (and may download on lookup)
-        from lib.label_upload import DatastoreError, check_image_id
+        from lib.label_upload import check_image_id
 
         try:
             check_image_id(image)
-        except DatastoreError as err:
+        except ClientError as err:
             raise Refused(err.status_code, str(err.detail)) from None
+        datastore = self.get_instance().datastore()
+        if type(datastore).__name__ != "PanTSDatastore":
+            return  # remote datastores resolve ids themselves (and may download on lookup)
         if not datastore.get_image_uri(image):
             raise Refused(404, f"image {image!r} not found in the datastore")
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import uuid
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,11 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from fastapi import HTTPException
 
+from lib.atomic import atomic_write
+from lib.errors import ClientError, bad_request, unprocessable
 from lib.labelmap import LabelMap
+from lib.volume_decode import MAX_LAYERS, read_data, read_header
 
 #: relative tolerance when comparing a label's affine with its image's
 AFFINE_RTOL = 1e-3
@@ -34,31 +34,18 @@ MAX_LABEL_VALUE = 65535
 _CHUNK = 1 << 22  # voxels per chunk: keeps int64 temporaries of value counting at 32 MB
 
 #: ids and tags: a file/folder name that cannot leave its parent folder
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SAFE_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: (matched in full: ``$`` would also accept a trailing newline)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SAFE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
-class DatastoreError(HTTPException):
-    """A refused datastore request; FastAPI turns it into ``status_code`` with ``detail`` as message."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(status_code=status_code, detail=detail)
-
-    def __str__(self) -> str:
-        return f"{self.status_code}: {self.detail}"
-
-
-def bad_request(detail: str) -> DatastoreError:
-    return DatastoreError(400, detail)
-
-
-def unprocessable(detail: str) -> DatastoreError:
-    return DatastoreError(422, detail)
+#: the datastores' name for the client error type (one type for every refused request)
+DatastoreError = ClientError
 
 
 def check_image_id(image_id: Any, param: str = "image") -> str:
     """Refuse ids that are empty, not strings, or could escape a folder (``..``, ``/``, absolute)."""
-    if not isinstance(image_id, str) or not _SAFE_NAME.match(image_id) or ".." in image_id:
+    if not isinstance(image_id, str) or not _SAFE_NAME.fullmatch(image_id) or ".." in image_id:
         raise bad_request(
             f"{param} {image_id!r} is not a valid image id: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..' or path separators"
@@ -67,7 +54,7 @@ def check_image_id(image_id: Any, param: str = "image") -> str:
 
 
 def check_tag(tag: Any) -> str:
-    if not isinstance(tag, str) or not _SAFE_TAG.match(tag):
+    if not isinstance(tag, str) or not _SAFE_TAG.fullmatch(tag):
         raise bad_request(
             f"tag {tag!r} is not a valid label tag: use 1-64 letters, digits, '_' or '-', "
             "starting with a letter or digit (no '.', '/' or '..')"
@@ -102,112 +89,40 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     return Geometry(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
 
 
-def _gunzip(raw: bytes, max_bytes: int) -> bytes:
-    """Decompress gzip, refusing corrupt/truncated streams and anything larger than ``max_bytes``."""
-    out = bytearray()
-    data = raw
-    while data:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            chunk = d.decompress(data, max_bytes + 1 - len(out))
-        except zlib.error as err:
-            raise bad_request(f"label file is not a valid gzip stream ({err})") from None
-        out += chunk
-        if len(out) > max_bytes:
-            raise DatastoreError(413, f"label file decompresses to more than {max_bytes} bytes; too large")
-        if not d.eof:
-            if d.unconsumed_tail:
-                raise DatastoreError(413, f"label file decompresses to more than {max_bytes} bytes; too large")
-            raise bad_request("label file is a truncated gzip stream (incomplete or corrupt upload)")
-        data = d.unused_data.lstrip(b"\0")  # concatenated members, or padding
-    return bytes(out)
+def read_label_file(path: str | os.PathLike, image: Geometry, max_bytes: int) -> LabelFile:
+    """Decode a NIfTI or attached NRRD label for ``image`` (by content; the upload's name is not trusted).
 
-
-def _nifti_kind(head: bytes) -> str | None:
-    if len(head) >= 348:
-        for order in ("<", ">"):
-            size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
-            if size == 348 and head[344:348] == b"n+1\x00":
-                return "nifti1"
-            if size == 540 and head[4:8] == b"n+2\x00":
-                return "nifti2"
-            if size in (348, 540) and head[344:347] == b"ni1":
-                return "pair"
-    return None
-
-
-def read_label_file(path: str | os.PathLike, max_bytes: int) -> LabelFile:
-    """Decode a NIfTI or NRRD label file by its content (the upload's name is not trusted).
+    The header is checked against the image's grid before any voxel buffer is allocated, and the
+    data is read as a stream of exactly the header's size (:mod:`lib.volume_decode`), so a file
+    cannot make the server read another file or allocate more than a label of this image needs.
 
     Raises:
         DatastoreError: 400 corrupt gzip, 413 too large, 415 neither NIfTI nor NRRD,
-            422 unreadable NRRD/NIfTI content.
+            422 a header or data that does not fit the image.
     """
-    path = Path(path)
-    size = path.stat().st_size
+    size = Path(path).stat().st_size
     if size > max_bytes:
         raise DatastoreError(413, f"label file is {size} bytes; the limit is {max_bytes}")
-    raw = path.read_bytes()
-    if raw[:4] == b"NRRD":
-        return _read_nrrd(path)
-    if raw[:2] == b"\x1f\x8b":
-        raw = _gunzip(raw, max_bytes)
-    kind = _nifti_kind(raw[:352])
-    if kind is None:
-        if raw[:4] == b"NRRD":
-            raise DatastoreError(415, "label file is a gzip-compressed NRRD; send the .nrrd itself")
-        raise DatastoreError(
-            415,
-            f"label file is neither NIfTI (.nii/.nii.gz) nor NRRD (.nrrd/.seg.nrrd); first bytes {raw[:8]!r}",
-        )
-    if kind == "pair":
-        raise DatastoreError(415, "label file is a NIfTI .hdr/.img pair; send a single-file .nii or .nii.gz")
-    cls = nib.Nifti1Image if kind == "nifti1" else nib.Nifti2Image
-    try:
-        img = cls.from_bytes(raw)
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for damaged files
-        raise unprocessable(f"label file is a damaged NIfTI ({type(err).__name__}: {err})") from None
-    return LabelFile(data=data, affine=np.asarray(img.affine, dtype=np.float64), kind="nifti")
-
-
-_NRRD_SPACES = {
-    "right-anterior-superior": (1, 1, 1),
-    "ras": (1, 1, 1),
-    "left-posterior-superior": (-1, -1, 1),
-    "lps": (-1, -1, 1),
-    "left-anterior-superior": (-1, 1, 1),
-    "las": (-1, 1, 1),
-}
-
-
-def _read_nrrd(path: Path) -> LabelFile:
-    import nrrd
-
-    try:
-        data, header = nrrd.read(str(path))
-    except Exception as err:
-        raise unprocessable(f"label file is a damaged NRRD ({type(err).__name__}: {err})") from None
-    space = str(header.get("space", "left-posterior-superior")).lower()
-    if space not in _NRRD_SPACES:
-        raise unprocessable(f"NRRD space {space!r} is not supported; use RAS or LPS")
-    dirs = header.get("space directions")
-    origin = header.get("space origin")
-    if dirs is None or origin is None:
-        raise unprocessable("NRRD label has no 'space directions'/'space origin'; its geometry is unknown")
-    dirs = np.asarray(dirs, dtype=np.float64)
-    spatial = [i for i in range(dirs.shape[0]) if np.all(np.isfinite(dirs[i]))]
-    if len(spatial) != 3 or data.ndim not in (3, 4):
-        raise unprocessable(f"NRRD label must be 3-D (or 4-D segment layers), got shape {data.shape}")
-    if data.ndim == 4:
-        layer_axis = next(i for i in range(4) if i not in spatial)
-        data = np.moveaxis(data, layer_axis, 0)
-    flip = np.array(_NRRD_SPACES[space], dtype=np.float64)
-    affine = np.eye(4)
-    affine[:3, :3] = (dirs[spatial].T) * flip[:, None]
-    affine[:3, 3] = np.asarray(origin, dtype=np.float64) * flip
-    segments = _seg_nrrd_segments(header)
-    return LabelFile(data=data, affine=affine, kind="nrrd", segments=segments)
+    hdr = read_header(path)
+    segments = _seg_nrrd_segments(hdr.fields) if hdr.kind == "nrrd" else None
+    layer_axes = [a for a in range(len(hdr.shape)) if a not in hdr.spatial_axes]
+    layers = [hdr.shape[a] for a in layer_axes if hdr.shape[a] != 1]
+    if hdr.kind == "nifti" and tuple(hdr.spatial_axes) != (0, 1, 2):
+        raise unprocessable(f"label must be a 3-D volume, got shape {hdr.shape}")
+    if len(layers) > (1 if segments else 0) or (layers and layers[0] > MAX_LAYERS):
+        raise unprocessable(f"label must be a 3-D volume (or up to {MAX_LAYERS} .seg.nrrd segment layers), "
+                            f"got shape {hdr.shape}")
+    check_geometry(hdr.spatial_shape, hdr.affine, image)
+    if hdr.scale != (1.0, 0.0) and hdr.scale != (0.0, 0.0):
+        raise unprocessable(f"label has NIfTI scaling (scl_slope {hdr.scale[0]:g}, scl_inter {hdr.scale[1]:g}); "
+                            "save the label map unscaled")
+    data = read_data(path, hdr)
+    if layer_axes:  # layers first, then the three spatial axes
+        data = np.moveaxis(data, layer_axes, list(range(len(layer_axes)))).reshape((-1, *hdr.spatial_shape))
+        data = data if segments else data[0]
+    elif segments:
+        data = data[None]
+    return LabelFile(data=data, affine=hdr.affine, kind=hdr.kind, segments=segments)
 
 
 def _seg_nrrd_segments(header: Mapping[str, Any]) -> list[tuple[str, int, int]] | None:
@@ -215,24 +130,27 @@ def _seg_nrrd_segments(header: Mapping[str, Any]) -> list[tuple[str, int, int]] 
     segs = []
     n = 0
     while f"Segment{n}_Name" in header:
+        if n >= MAX_LAYERS:
+            raise unprocessable(f"seg.nrrd header lists more than {MAX_LAYERS} segments")
         name = str(header[f"Segment{n}_Name"])
         try:
             layer = int(header.get(f"Segment{n}_Layer", 0))
             value = int(header.get(f"Segment{n}_LabelValue", n + 1))
         except ValueError:
             raise unprocessable(f"seg.nrrd header: Segment{n}_Layer/_LabelValue are not integers") from None
+        if value <= 0 or value > MAX_LABEL_VALUE:
+            raise unprocessable(
+                f"seg.nrrd Segment{n}_LabelValue {value} ({name!r}) is out of range: segment values are "
+                f"1..{MAX_LABEL_VALUE} (0 is background)"
+            )
+        if layer < 0:
+            raise unprocessable(f"seg.nrrd Segment{n}_Layer {layer} ({name!r}) is negative")
         segs.append((name, layer, value))
         n += 1
     return segs or None
 
 
 # ---- checking and mapping --------------------------------------------------------------------
-
-
-def _squeeze_to_3d(data: np.ndarray) -> np.ndarray:
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data
 
 
 def check_geometry(shape: tuple[int, ...], affine: np.ndarray, image: Geometry, rtol: float = AFFINE_RTOL) -> None:
@@ -405,16 +323,17 @@ def check_label(
     max_bytes: int = 1 << 30,
 ) -> CheckedLabel:
     """Read, check and map an uploaded label; raises :class:`DatastoreError` (4xx) on any problem."""
-    lf = read_label_file(path, max_bytes)
+    if label_info is not None and not isinstance(label_info, (str, Sequence)) or isinstance(label_info, bytes):
+        raise bad_request(
+            f"params.label_info must be a list of {{'name': ..., 'idx': ...}}, got {type(label_info).__name__}"
+        )
+    lf = read_label_file(path, image, max_bytes)
     if lf.segments is not None:
         return _check_seg_nrrd(lf, image, lm)
-    data = _squeeze_to_3d(lf.data)
-    if data.ndim != 3:
-        raise unprocessable(f"label must be a 3-D volume, got shape {tuple(data.shape)}")
-    check_geometry(data.shape, lf.affine, image)
+    data = lf.data
     data = as_integer(data)
     counts = present_values(data)
-    if label_info:
+    if label_info is not None:
         named = value_to_name(label_info)
         source = "params.label_info"
         lut = resolve_names(named, lm, source)
@@ -439,9 +358,7 @@ def check_label(
 def _check_seg_nrrd(lf: LabelFile, image: Geometry, lm: LabelMap) -> CheckedLabel:
     """A ``.seg.nrrd``: names come from its segment header; overlapping layers merge by priority."""
     assert lf.segments is not None
-    data = lf.data if lf.data.ndim == 4 else lf.data[None]
-    check_geometry(data.shape[1:], lf.affine, image)
-    data = as_integer(data)
+    data = as_integer(lf.data)  # (layers, x, y, z), geometry checked on reading
     named = {i: name for i, (name, _, _) in enumerate(lf.segments)}
     lut = resolve_names(named, lm, "the seg.nrrd segment names")
     described = {(layer, value) for _, layer, value in lf.segments}
@@ -468,48 +385,19 @@ def _check_seg_nrrd(lf: LabelFile, image: Geometry, lm: LabelMap) -> CheckedLabe
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_nifti_tmp(array: np.ndarray, affine: np.ndarray, folder: Path) -> Path:
-    """Write a uint8 label map as ``.nii.gz`` to a temporary file in ``folder``, fsynced.
-
-    Rename it into place with ``os.replace`` afterwards: readers never see a partial file.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}.nii.gz"
+def write_label_gz(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """A uint8 label map as ``.nii.gz`` at gzip level 1 (labels compress well anyway; level 9 is
+    about 5x slower on full CTs). Call it through :mod:`lib.atomic`."""
     img = nib.Nifti1Image(np.asarray(array, dtype=np.uint8), affine)
     img.header.set_data_dtype(np.uint8)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    try:
-        with open(tmp, "wb") as fh:
-            # level 1: labels compress well anyway, and level 9 is ~5x slower on full CTs
-            with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
-                gz.write(img.to_bytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+    with open(path, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
+        gz.write(img.to_bytes())
 
 
 def atomic_write_nifti(array: np.ndarray, affine: np.ndarray, dest: Path) -> Path:
-    tmp = write_nifti_tmp(array, affine, dest.parent)
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)
-    return dest
+    return atomic_write(dest, lambda tmp: write_label_gz(array, affine, tmp))
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -539,8 +427,7 @@ __all__ = [
     "read_geometry",
     "read_label_file",
     "atomic_write_nifti",
-    "write_nifti_tmp",
-    "fsync_dir",
+    "write_label_gz",
     "split_label_map",
     "normalize_name",
 ]

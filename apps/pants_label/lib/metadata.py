@@ -17,12 +17,13 @@ import csv
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
+
+from lib.atomic import atomic_write
 
 #: columns written by :func:`write_metadata`, in order
 CANONICAL_COLUMNS: tuple[str, ...] = (
@@ -423,10 +424,8 @@ def write_metadata(path: str | os.PathLike, rows: Iterable[CaseMeta]) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".xlsx"):
         raise ValueError(f"{path}: unsupported metadata format {path.suffix!r}; use .csv or .xlsx")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         if suffix == ".csv":
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)
@@ -441,11 +440,8 @@ def write_metadata(path: str | os.PathLike, rows: Iterable[CaseMeta]) -> Path:
             for m in rows:
                 ws.append(_row(m))
             wb.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def find_metadata(root: str | os.PathLike) -> Path | None:

@@ -1,14 +1,17 @@
-"""Where model weights live and how a new model is published (atomically, never half-written)."""
+"""Where model weights live and how a new model is published (atomically, never half-written).
+
+``write_json_atomic`` is :func:`lib.atomic.write_json_atomic`, re-exported for the trainers and scoring.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lib.atomic import atomic_write, write_json_atomic
 
 
 def model_path(model_dir: Path, preset: str) -> Path:
@@ -24,32 +27,9 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def publish(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> Path:
-    """Write weights + meta to a temp file beside ``path``, fsync, then ``os.replace``.
-
-    Readers (infer, scoring) see either the old model or the new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state_dict": state_dict, "meta": meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """Write weights + meta atomically (:mod:`lib.atomic`): readers (infer, scoring) see either
+    the old model or the new one, never a partial file."""
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict, "meta": meta}, tmp))
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -57,3 +37,6 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return default
+
+
+__all__ = ["model_path", "read_meta", "publish", "read_json", "write_json_atomic"]

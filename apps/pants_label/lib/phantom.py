@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 
+from lib.atomic import atomic_write
 from lib.labelmap import LabelMap, load_labelmap
 from lib.metadata import PHASES, CaseMeta, write_metadata
 
@@ -800,14 +800,7 @@ def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def write_case(phantom: Phantom, image_path: str | os.PathLike, seg_dir: str | os.PathLike) -> None:

@@ -1,10 +1,12 @@
 """Start-up recovery after a crash (``kill -9``, power loss, OOM kill).
 
-Every write of the app is temp-file + ``os.replace`` and every label is committed to the SQLite
-index (WAL) only after its file is complete, so a crash can leave only:
+Every write of the app goes through :mod:`lib.atomic` (temporary name, fsync, rename) and every
+label is committed to the datastore's SQLite index only after its file is complete, so a crash can
+leave only:
 
-* temporary files (``.tmp-*`` labels/images, ``.segresnet_*.pt.*.tmp`` model, a half-built
-  training cache folder): never referenced by anything; removed here;
+* temporary files and folders, named as :data:`lib.atomic.TMP_NAME` says (labels, images, model
+  weights, a half-downloaded DICOM series, a half-built training cache): never referenced by
+  anything; removed here;
 * a complete label file whose index row was never committed (killed between the rename and the
   commit): the client never got an answer for it, so it is not a saved label; it is moved to
   ``<state>/orphans/`` (kept for inspection) so that the next save of that version cannot clash;
@@ -27,10 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib.atomic import TMP_NAME
+
 logger = logging.getLogger(__name__)
 
-_TMP_FILE = re.compile(r"^\.tmp-|^\..*\.tmp$|\.tmp\d+$")
 _LABEL_FILE = re.compile(r"^v(\d+)\.nii\.gz$")
+#: state sub-folders walked for temporary files, and those (large) where only the top level is
+_WALKED = ("labels", "images", "cache")
+_TOP_LEVEL = ("dicom", "segs", "")
+
+
+def _is_tmp(name: str) -> bool:
+    return bool(TMP_NAME.match(name))
 
 
 @dataclass
@@ -49,38 +59,36 @@ class RecoveryReport:
         }
 
 
-def remove_tmp(folder: Path, report: RecoveryReport) -> None:
-    """Delete leftover temporary files and folders below ``folder``."""
+def remove_tmp(folder: Path, report: RecoveryReport, recursive: bool = True) -> None:
+    """Delete leftover temporary files and folders below ``folder`` (or in it only)."""
     if not folder.is_dir():
         return
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in list(dirnames):
-            if _TMP_FILE.search(name):
+            if _is_tmp(name):
                 shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
                 report.removed_tmp.append(os.path.join(dirpath, name))
                 dirnames.remove(name)
         for name in filenames:
-            if _TMP_FILE.search(name):
+            if _is_tmp(name):
                 path = os.path.join(dirpath, name)
                 try:
                     os.unlink(path)
                     report.removed_tmp.append(path)
                 except OSError as err:
                     logger.warning("could not remove %s: %s", path, err)
+        if not recursive:
+            break
 
 
-def quarantine_orphan_labels(state_dir: Path, index_path: Path, report: RecoveryReport) -> None:
+def quarantine_orphan_labels(state_dir: Path, referenced: set[Path], report: RecoveryReport) -> None:
     """Move label files that no index row references to ``state_dir/orphans``."""
     labels = state_dir / "labels"
-    if not labels.is_dir() or not index_path.exists():
+    if not labels.is_dir():
         return
-    with sqlite3.connect(str(index_path), timeout=60) as db:
-        known = {r[0] for r in db.execute("SELECT path FROM labels WHERE path IS NOT NULL")}
+    referenced = {Path(p).resolve() for p in referenced}
     for path in sorted(labels.glob("*/*/v*.nii.gz")):
-        if not _LABEL_FILE.match(path.name):
-            continue
-        rel = "@state/" + path.relative_to(state_dir).as_posix()
-        if rel in known:
+        if not _LABEL_FILE.match(path.name) or path.resolve() in referenced:
             continue
         name = f"{path.name.split('.')[0]}-{int(time.time())}.nii.gz"  # v3.nii.gz -> v3-<time>.nii.gz
         dest = state_dir / "orphans" / path.relative_to(labels).parent / name
@@ -167,19 +175,28 @@ def _status(path: Path) -> str | None:
     return None if stats is None else stats.get("status")
 
 
-def recover(state_dir: Path | None, model_dir: Path, index_name: str = "index.sqlite") -> RecoveryReport:
-    """Run every step; each is safe to repeat and touches no committed label or published model."""
+def recover(datastore: Any, model_dir: Path, index_name: str = "index.sqlite") -> RecoveryReport:
+    """Run every step; each is safe to repeat and touches no committed label or published model.
+
+    Args:
+        datastore: the app's datastore; its ``state_dir`` is cleaned, and the label files its
+            ``stored_label_files()`` names are kept (without that method nothing is moved).
+        model_dir: the folder of published weights and training stats.
+    """
     report = RecoveryReport()
+    state_dir = getattr(datastore, "state_dir", None)
     if state_dir is not None:
-        for sub in ("labels", "images", "cache"):
+        state_dir = Path(state_dir)
+        for sub in _WALKED:
             remove_tmp(state_dir / sub, report)
-        quarantine_orphan_labels(state_dir, state_dir / index_name, report)
+        for sub in _TOP_LEVEL:
+            remove_tmp(state_dir / sub, report, recursive=False)
+        stored = getattr(datastore, "stored_label_files", None)
+        if stored is not None:
+            quarantine_orphan_labels(state_dir, stored(), report)
         check_index(state_dir / index_name, report)
     if model_dir.is_dir() and not training_running_elsewhere(model_dir):  # a live trainer owns its temp files
-        for name in os.listdir(model_dir):
-            if _TMP_FILE.search(name) and (model_dir / name).is_file():
-                (model_dir / name).unlink(missing_ok=True)
-                report.removed_tmp.append(str(model_dir / name))
+        remove_tmp(model_dir, report, recursive=False)
         remove_tmp(model_dir / ".cache", report)
         mark_interrupted_training(model_dir, report)
     if report.removed_tmp or report.orphans or report.interrupted_training:

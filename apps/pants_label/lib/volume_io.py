@@ -8,14 +8,14 @@ resampling), so it is exact and cheap to undo.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
+
+from lib.atomic import atomic_write
 
 
 @dataclass
@@ -123,27 +123,6 @@ def canonical_spacing(affine: np.ndarray, axcodes: str) -> tuple[float, float, f
 # ---- writing --------------------------------------------------------------------------------------
 
 
-def atomic_path(final: Path) -> Path:
-    """A temp file name in ``final``'s folder (same filesystem, so ``os.replace`` is atomic)."""
-    suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
@@ -153,14 +132,14 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def write_volume(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an array in its own dtype (e.g. an int16 CT) as NIfTI, atomically."""
-    return _atomic_write(Path(path), lambda tmp: _save_nifti(array, affine, tmp))
+    return atomic_write(path, lambda tmp: _save_nifti(array, affine, tmp))
 
 
 def write_label(label: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 label map as ``.nii.gz``/``.nii`` or ``.nrrd`` (by suffix), atomically."""
     path = Path(path)
     if path.name.endswith(".nrrd"):
-        return _atomic_write(path, lambda tmp: _write_nrrd(label, affine, tmp))
+        return atomic_write(path, lambda tmp: _write_nrrd(label, affine, tmp))
     return write_volume(label.astype(np.uint8, copy=False), affine, path)
 
 

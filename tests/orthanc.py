@@ -50,10 +50,15 @@ class Orthanc:
         self.config = self.storage / "orthanc.json"
         self.config.write_text(json.dumps(cfg, indent=2))
         self.log = Path(log)
-        self._fh = open(self.log, "w")
+        self.timeout = timeout
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, on the same port and storage) the Orthanc process."""
+        self._fh = open(self.log, "a")
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self._fh, stderr=subprocess.STDOUT)
         try:
-            wait_until_answers(self.proc, f"{self.dicomweb}/studies", timeout, "Orthanc",
+            wait_until_answers(self.proc, f"{self.dicomweb}/studies", self.timeout, "Orthanc",
                                lambda: self.log.read_text()[-3000:])
         except RuntimeError:
             self._fh.close()

@@ -270,6 +270,78 @@ def test_ids_info_and_labels_survive_a_restart(pacs: dict) -> None:
     assert Path(c.download_label(_series_uid(UNLABELED[1]), "final")).stat().st_size > 0
 
 
+def _stored_versions(pacs: dict) -> dict[str, str]:
+    import hashlib
+
+    labels = pacs["base"] / "state" / "labels"
+    return {p.relative_to(labels).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(labels.rglob("v*.nii.gz"))}
+
+
+def _served(pacs: dict, sid: str) -> dict[str, bytes]:
+    base = pacs["server"].url
+    out = {}
+    for tag in ("original", "final"):
+        with urllib.request.urlopen(f"{base}/datastore/label?label={sid}&tag={tag}", timeout=60) as r:
+            out[tag] = r.read()
+    return out
+
+
+def test_every_label_version_survives_clean_and_kill9_restarts(pacs: dict, tmp_path: Path) -> None:
+    """``original`` and ``final`` versions, and a ``final`` whose SEG the PACS refused, are kept
+    and served identically after a clean stop and after kill -9; nothing is moved to orphans/."""
+    import os
+    import signal
+
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    sid = _series_uid(UNLABELED[0])
+    path, label_info, canonical = _slicer_label(pacs, UNLABELED[0], tmp_path)
+    c = MONAILabelClient(pacs["server"].url, tmpdir=str(tmp_path))
+    c.save_label(sid, str(path), "original", {"label_info": label_info})
+    c.save_label(sid, str(path), "final", {"label_info": label_info})  # v1: its SEG goes to the PACS
+    # v2 while the PACS is down: 502, kept here only
+    edited = nib.load(path)
+    arr = np.asarray(edited.dataobj).copy()
+    arr[arr == 1] = 0
+    nib.save(nib.Nifti1Image(arr, edited.affine), tmp_path / "edited.nii.gz")
+    pacs["orthanc"].stop()
+    try:
+        with pytest.raises(MONAILabelClientException) as err:
+            MONAILabelClient(pacs["server"].url, tmpdir=str(tmp_path)).save_label(
+                sid, str(tmp_path / "edited.nii.gz"), "final", {"label_info": label_info})
+        assert "Status: 502" in err.value.msg and "kept here as version 2" in err.value.msg
+    finally:
+        pacs["orthanc"].start()
+    files, served = _stored_versions(pacs), _served(pacs, sid)
+    assert {k.split("/")[0] for k in files} >= {"original", "final"} and f"final/{sid}/v2.nii.gz" in files
+    served_final = nib.Nifti1Image.from_bytes(gzip_decompress(served["final"]))
+    assert not np.any(np.asarray(served_final.dataobj) == LM.id_of(label_info[0]["name"])), \
+        "the newest final (kept here after the PACS refused it) is not the one served"
+
+    for how in ("clean stop", "kill -9"):
+        server: Server = pacs["server"]
+        if how == "clean stop":
+            server.stop()
+        else:
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(30)
+            server._fh.close()
+        log = pacs["base"] / f"server-{how.replace(' ', '')}.log"
+        pacs["server"] = Server(pacs["orthanc"].dicomweb, log, conf=pacs["conf"], extra_env=pacs["trap"].env())
+        assert _stored_versions(pacs) == files, f"label files changed after a {how}"
+        assert not list((pacs["base"] / "state" / "orphans").rglob("*.nii.gz")), f"files orphaned after a {how}"
+        assert _served(pacs, sid) == served, f"served labels changed after a {how}"
+        assert "recovered after an unclean stop" not in pacs["server"].tail(200000)
+
+
+def gzip_decompress(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
 def test_nothing_was_downloaded_from_outside(pacs: dict) -> None:
     # every server call above went through a proxy trap for non-loopback traffic
     assert pacs["trap"].requests == []

@@ -137,6 +137,8 @@ def _nifti_header(head: bytes, gzip_from: int | None) -> VolumeHeader:
         raise unprocessable(f"the file is a damaged NIfTI ({type(err).__name__}: {err})") from None
     if dtype.kind not in _NIFTI_KINDS or dtype.itemsize > 8:
         raise unprocessable(f"NIfTI voxel type {dtype} is not accepted; use an integer type such as uint8")
+    if offset == 0:  # older writers leave it unset: the data follows the header and its 4-byte extension flag
+        offset = size + 4
     if not size <= offset <= MAX_HEADER_BYTES or offset != int(offset):
         raise unprocessable(f"NIfTI vox_offset {offset:g} is not accepted (allowed {size}..{MAX_HEADER_BYTES})")
     if not shape or min(shape) < 1:
@@ -349,8 +351,11 @@ def read_data(path: str | os.PathLike, hdr: VolumeHeader) -> np.ndarray:
             if not n:
                 break
             got += n
-    if got < hdr.nbytes:
-        _short(got, hdr)
+        if got < hdr.nbytes:
+            _short(got, hdr)
+        if hdr.gzip_from is not None and stream.read(1):  # inflate one byte past, never more
+            raise too_large(f"the file decompresses to more voxel data than its header ({hdr.kind}, shape "
+                            f"{hdr.shape}, {hdr.dtype}) describes; too large or damaged")
     return out.view(hdr.dtype).reshape(hdr.shape, order="F")
 
 

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from lib.atomic import write_bytes_atomic  # noqa: E402
 from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
 from lib.metrics import LESION_CLASS, lesion_score_from_label  # noqa: E402
 from lib.model_store import model_path, write_json_atomic  # noqa: E402
@@ -176,9 +177,7 @@ def merge_scores(out: Outputs, cases: list[str]) -> list[dict[str, Any]]:
     w.writeheader()
     for r in rows:
         w.writerow({**r, "shape": "x".join(str(s) for s in r.get("shape", []))})
-    tmp = out.root / ".scores.csv.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, out.root / "scores.csv")
+    write_bytes_atomic(out.root / "scores.csv", buf.getvalue().encode())
     write_json_atomic(out.root / "scores.json", rows)
     return rows
 

@@ -195,6 +195,8 @@ def _cases(root: Path, base: Path) -> list[Upload]:
                [("params", b"", json.dumps({"image": canary}).encode())]),
         Upload("infer-label-part", f"/infer/segmentation?image={IMAGE}", "POST", 400, "takes no 'label'",
                [params, ("label", b"l.bin", b"\0" * 16)]),
+        Upload("session-uncompress-archive", "/session/?uncompress=true", "PUT", 400, "archives are not unpacked",
+               [("files", b"s.tar", b"\0" * 1024)]),
         # ---- image uploads
         Upload("image-upload-detached-nrrd", "/datastore/image?image=new1", "PUT", 422, "data file",
                [params, ("file", b"i.nrrd", nrrd_file({**attached_header(aff), "data file": canary}))]),

@@ -239,6 +239,12 @@ def _media_type(scope: Scope) -> str:
     return ct.split(";", 1)[0].strip().lower()
 
 
+def _query_true(scope: Scope, key: str) -> bool:
+    """Whether a boolean query parameter is set the way FastAPI reads it as true."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(key, [])
+    return any(v.strip().lower() in ("1", "true", "on", "yes", "t", "y") for v in values)
+
+
 def check_numbers(value: Any, where: str) -> None:
     """Refuse NaN/Infinity and numbers beyond :data:`MAX_ABS_NUMBER` anywhere in a JSON value."""
     if isinstance(value, bool):
@@ -597,6 +603,11 @@ class RequestGuard:
                 f"Content-Type {media or '(none)'!r} is not accepted here; send multipart/form-data "
                 "(fields 'params' as a JSON object, and the file)",
             )
+        if scope.get("path") == "/session/" and _query_true(scope, "uncompress"):
+            # MONAI Label unpacks such an archive with shutil.unpack_archive: a tar member named
+            # ../../x or a link would write or read outside the session folder
+            raise Refused(400, "uncompress: archives are not unpacked on the server; send the image file itself "
+                               "(NIfTI or NRRD)")
         if route.kind in ("upload", "infer"):
             # the file plus room for the multipart framing and the params field
             limit = self.max_upload_bytes + _FORM_OVERHEAD

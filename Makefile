@@ -36,9 +36,16 @@ demo: setup
 		echo "making the demo dataset in data/demo (12 phantom CTs, 2 held out as a test split)"; \
 		$(PY) scripts/make_phantoms.py --out data/demo --n 12 --n-test 2 --shape 192 192 128 --spacing 1.6 1.6 2.5; \
 	fi
+	@if [ "$(STUDIES)" = "data/demo" ] && [ -f $(DEMO_MODEL) ] && [ ! -f $(DEMO_MODEL_DIR)/segresnet_fast.pt ]; then \
+		mkdir -p $(DEMO_MODEL_DIR) && cp $(DEMO_MODEL) $(DEMO_MODEL_DIR)/; \
+	fi
 
 # The demo starts a fresh campaign: its phantom masks are hidden, so every scan is there to annotate.
-DEMO_CONF := $(if $(filter data/demo,$(STUDIES)),--conf hide_imported_labels true,)
+# It serves the committed phantom model (scripts/train_demo_model.py), copied once into its own
+# model folder so that retraining from the client never touches the committed file.
+DEMO_MODEL := apps/pants_label/demo_model/segresnet_fast.pt
+DEMO_MODEL_DIR := data/demo-model
+DEMO_CONF := $(if $(filter data/demo,$(STUDIES)),--conf hide_imported_labels true --conf preset fast --conf model_dir $(DEMO_MODEL_DIR),)
 
 serve: demo
 	$(PY) -m monailabel.main start_server --app apps/pants_label --studies $(STUDIES) \

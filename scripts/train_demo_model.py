@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: presets.yaml)")
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: presets.yaml)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: presets.yaml)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N epochs (default: every epoch)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = PanTSTrain(cfg, lm, PRESET, work / "model", "cpu")
         request = {"from_scratch": True, "trigger": "scripts/train_demo_model.py"}
         for key, value in (("max_epochs", args.epochs), ("iterations_per_epoch", args.iterations),
-                           ("learning_rate", args.lr)):
+                           ("learning_rate", args.lr), ("val_every", args.val_every)):
             if value is not None:
                 request[key] = value
         stats = trainer(request, ds)

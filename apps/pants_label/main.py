@@ -189,7 +189,27 @@ class PanTSLabelApp(MONAILabelApp):
         info["device"] = self.device
         info["label_colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
         info["active_learning"] = self._al_status()
+        info["model_card"] = self._model_card()
         return info
+
+    def _model_card(self) -> dict[str, Any]:
+        """Where the served weights came from (the card stored with them); read again only when
+        the file changes."""
+        path = model_path(self.model_dir, self.preset)
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {"path": str(path), "trained": False, "note": "no trained model: predictions are random"}
+        cached = getattr(self, "_card_cache", None)
+        if cached is None or cached[0] != stamp:
+            from lib.model_store import read_meta
+
+            meta = read_meta(path) or {}
+            keep = ("preset", "summary", "val_metric", "train_size", "published_ts", "phantom_model", "note",
+                    "test_dice", "train_cpu_s")
+            self._card_cache = (stamp, {"path": str(path), "trained": True,
+                                        **{k: meta[k] for k in keep if k in meta}})
+        return self._card_cache[1]
 
     def _al_status(self) -> dict[str, Any]:
         ds = self.datastore()

@@ -323,18 +323,14 @@ def check_label(
     max_bytes: int = 1 << 30,
 ) -> CheckedLabel:
     """Read, check and map an uploaded label; raises :class:`DatastoreError` (4xx) on any problem."""
-    if label_info is not None and not isinstance(label_info, (str, Sequence)) or isinstance(label_info, bytes):
-        raise bad_request(
-            f"params.label_info must be a list of {{'name': ..., 'idx': ...}}, got {type(label_info).__name__}"
-        )
+    # checked before the file is read; present but empty ({}) is refused too, not taken as "no names"
+    named = value_to_name(label_info) if label_info is not None else None
     lf = read_label_file(path, image, max_bytes)
     if lf.segments is not None:
         return _check_seg_nrrd(lf, image, lm)
-    data = lf.data
-    data = as_integer(data)
+    data = as_integer(lf.data)
     counts = present_values(data)
-    if label_info is not None:
-        named = value_to_name(label_info)
+    if named is not None:
         source = "params.label_info"
         lut = resolve_names(named, lm, source)
     else:

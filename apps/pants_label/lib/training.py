@@ -268,18 +268,24 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-
         voxel cross-entropy.
     """
     b, c = logits.shape[:2]
-    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)  # fp32 under AMP
     t = target.long()
     if t.dim() == logits.dim() - 1:
         t = t[:, None]
-    logp_true = logp.gather(1, t).reshape(b, -1)  # log p of the true class, per voxel
+    x = logits if logits.dtype == torch.float64 else logits.float()  # fp32 under AMP
+    spatial = tuple(range(2, x.dim()))
+    if x.stride(1) == 1:  # channels-last: softmax over the innermost axis is ~8x faster on a CPU
+        x, t, cdim, spatial = x.movedim(1, -1), t.movedim(1, -1), -1, tuple(range(1, x.dim() - 1))
+    else:
+        cdim = 1
+    logp = torch.log_softmax(x, dim=cdim)
+    logp_true = logp.gather(cdim, t).reshape(b, -1)  # log p of the true class, per voxel
     ce = -logp_true.mean()
     ids = t.reshape(b, -1)
     inter = torch.zeros(b, c, dtype=logp.dtype, device=logp.device).scatter_add_(1, ids, logp_true.exp())
     ground = torch.zeros(b, c, dtype=logp.dtype, device=logp.device).scatter_add_(
         1, ids, torch.ones_like(logp_true)
     )
-    pred = logp.exp().sum(dim=tuple(range(2, logits.dim())))
+    pred = logp.exp().sum(dim=spatial)
     dice = 1.0 - (2.0 * inter + smooth) / (pred + ground + smooth)
     return dice[:, 1:].mean() + ce
 

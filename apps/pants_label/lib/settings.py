@@ -68,6 +68,28 @@ class Preset(_Frozen):
         return v
 
 
+def _check_patch(v: IntTriple) -> IntTriple:
+    if any(s < 16 or s % 8 for s in v):
+        raise ValueError(f"each side must be a multiple of 8 and >= 16, got {v}")
+    return v
+
+
+class CpuTraining(_Frozen):
+    """``training.cpu``: what changes where there is no GPU (unset keys keep the main values)."""
+
+    patch_size: IntTriple | None = None
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    max_epochs: int | None = Field(None, ge=1)
+    iterations_per_epoch: int | None = Field(None, ge=0)
+    channels_last_3d: bool | None = None
+
+    @field_validator("patch_size")
+    @classmethod
+    def _divisible(cls, v: IntTriple | None) -> IntTriple | None:
+        return None if v is None else _check_patch(v)
+
+
 class TrainingConfig(_Frozen):
     patch_size: IntTriple = (96, 96, 96)
     batch_size: int = Field(2, ge=1)
@@ -80,13 +102,19 @@ class TrainingConfig(_Frozen):
     crop_class_weights: dict[str, float] = {}
     crop_background_weight: float = Field(1.0, ge=0)
     cache_dir_name: str = ".cache/preprocessed"
+    channels_last_3d: bool = False  # network and batches in channels-last memory format
+    cpu: CpuTraining = CpuTraining()
 
     @field_validator("patch_size")
     @classmethod
     def _divisible(cls, v: IntTriple) -> IntTriple:
-        if any(s < 16 or s % 8 for s in v):
-            raise ValueError(f"each side must be a multiple of 8 and >= 16, got {v}")
-        return v
+        return _check_patch(v)
+
+    def for_device(self, device: str) -> "TrainingConfig":
+        """The recipe for ``"cpu"`` (with the ``cpu`` overrides applied) or ``"cuda"`` (as written)."""
+        if device != "cpu":
+            return self
+        return self.model_copy(update=self.cpu.model_dump(exclude_none=True))
 
 
 class SegmentationConfig(_Frozen):
@@ -183,6 +211,7 @@ __all__ = [
     "SegmentationConfig",
     "Preset",
     "TrainingConfig",
+    "CpuTraining",
     "load_segmentation_config",
     "DEFAULT_PRESETS",
 ]

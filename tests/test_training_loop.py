@@ -1,0 +1,91 @@
+"""Pieces of the training loop: the background crop sampler and the one-hot-free Dice+CE loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from lib.settings import CpuTraining, TrainingConfig
+from lib.training import CachedCase, CropSampler, PrefetchSampler, crop, dice_ce_loss
+
+PATCH = (16, 24, 16)
+
+
+def _cases(n: int = 3, seed: int = 0) -> list[CachedCase]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for k in range(n):
+        shape = (20 + 3 * k, 30, 18)
+        image = rng.uniform(-1, 1, shape).astype(np.float16)
+        label = np.zeros(shape, dtype=np.uint8)
+        label[5:12, 8:20, 4:10] = 1 + k
+        label[9:10, 10:12, 5:7] = 27  # a tiny lesion-like class
+        centres = {int(c): np.argwhere(label == c).astype(np.int16) for c in np.unique(label)}
+        cases.append(CachedCase(f"case{k}", image, label, centres))
+    return cases
+
+
+def _sampler(seed: int) -> CropSampler:
+    return CropSampler(_cases(), PATCH, {27: 4.0}, background_weight=1.0, seed=seed)
+
+
+def test_prefetched_batches_equal_serial_sampling_for_a_seed() -> None:
+    serial = _sampler(7)
+    expected = [serial.sample(2) for _ in range(5)]
+    with PrefetchSampler(_sampler(7), 2, depth=2) as pre:
+        got = [pre.next() for _ in range(5)]
+    for (xe, ye), (xg, yg) in zip(expected, got):
+        assert xg.shape == (2, 1, *PATCH) and xg.dtype == torch.float32
+        assert yg.shape == (2, 1, *PATCH) and yg.dtype == torch.int64
+        torch.testing.assert_close(xg, xe, rtol=0, atol=0)
+        torch.testing.assert_close(yg, ye, rtol=0, atol=0)
+    with PrefetchSampler(_sampler(8), 2) as other:  # another seed, other crops
+        assert not torch.equal(other.next()[0], expected[0][0])
+
+
+def test_batches_hold_the_volume_crop_with_jitter_and_padding() -> None:
+    cases = _cases(1)
+    sampler = CropSampler(cases, (32, 32, 32), {}, background_weight=1.0, seed=3)
+    x, y = sampler.sample(1)
+    # The patch is bigger than the volume: every label voxel is inside, the rest is background.
+    assert int((y > 0).sum()) == int((cases[0].label > 0).sum())
+    # Image voxels are an affine function (the jitter) of the cropped volume.
+    img, lab = crop(cases[0].image, cases[0].label, np.array([10, 10, 10]), (8, 8, 8))
+    assert img.dtype == np.float32 and lab.dtype == np.uint8 and img.shape == (8, 8, 8)
+    np.testing.assert_array_equal(img, cases[0].image[6:14, 6:14, 6:14].astype(np.float32))
+
+
+def test_a_failing_crop_is_raised_in_the_training_loop() -> None:
+    sampler = _sampler(0)
+    sampler.cases = []  # nothing to draw from: the producer fails
+    with PrefetchSampler(sampler, 1) as pre, pytest.raises(RuntimeError, match="training batch"):
+        pre.next()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dice_ce_loss_equals_monai_dicece(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 8, 10, 12, dtype=torch.float64)
+    target = torch.randint(0, 6, (2, 1, 8, 10, 12))
+    target[1][target[1] == 4] = 0  # a class absent from one item
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    ref_in = logits.detach().clone().requires_grad_()
+    got_in = logits.detach().clone().requires_grad_()
+    ref = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)(ref_in, target)
+    got = dice_ce_loss(got_in, target)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_in.grad, ref_in.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_cpu_overrides_apply_on_cpu_only() -> None:
+    t = TrainingConfig(learning_rate=2e-4, cpu=CpuTraining(learning_rate=3e-3, patch_size=(64, 64, 64)))
+    assert t.for_device("cpu").learning_rate == 3e-3 and t.for_device("cpu").patch_size == (64, 64, 64)
+    assert t.for_device("cpu").batch_size == t.batch_size  # unset keys keep the main value
+    assert t.for_device("cuda").learning_rate == 2e-4
+    with pytest.raises(ValueError, match="multiple of 8"):
+        CpuTraining(patch_size=(60, 64, 64))

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,7 @@ def labels_from_logits(logits: torch.Tensor, axes: tuple[AxisMap, AxisMap, AxisM
     if any(a.valid.stop <= a.valid.start for a in axes):
         return out
     src = [a.src_axis for a in axes]
-    low = logits[0].argmax(dim=0).to(torch.uint8)
+    low = logits[0].max(dim=0).indices.to(torch.uint8)  # max: about twice as fast as argmax on CPU
     cells = _uniform_cells(low).permute(src).contiguous().cpu().numpy()
     lg = logits[0]  # (C, d, h, w)
     a0 = axes[0].valid
@@ -353,8 +354,22 @@ def _dense(lg: torch.Tensor, axes: tuple[AxisMap, ...], k: slice) -> np.ndarray:
     res = np.empty((k.stop - k.start, up.shape[1], up.shape[2]), dtype=np.uint8)
     for j in range(len(res)):
         s = torch.lerp(up[int(i0[j]) - lo], up[int(i1[j]) - lo], float(w[j])) if w[j] else up[int(i0[j]) - lo]
-        res[j] = s.numpy().argmax(axis=-1)
+        _argmax_rows(s.numpy(), res[j])
     return res
+
+
+_ARGMAX_THREADS = max(1, min(4, os.cpu_count() or 1))
+_POOL = ThreadPoolExecutor(_ARGMAX_THREADS, thread_name_prefix="argmax")
+
+
+def _argmax_rows(x: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = x.argmax(-1)`` on all cores (numpy's argmax is single-threaded; it frees the GIL)."""
+
+    def part(r: range) -> None:
+        out[r.start : r.stop] = x[r.start : r.stop].argmax(axis=-1)
+
+    step = -(-len(x) // _ARGMAX_THREADS)
+    list(_POOL.map(part, [range(i, min(i + step, len(x))) for i in range(0, len(x), step)]))
 
 
 def upsample_argmax(logits: torch.Tensor, out_shape: tuple[int, int, int], slab: int = 16) -> np.ndarray:

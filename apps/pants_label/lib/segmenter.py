@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -268,7 +268,10 @@ def labels_from_logits(logits: torch.Tensor, axes: tuple[AxisMap, AxisMap, AxisM
     src = [a.src_axis for a in axes]
     low = logits[0].max(dim=0).indices.to(torch.uint8)  # max: about twice as fast as argmax on CPU
     cells = _uniform_cells(low).permute(src).contiguous().cpu().numpy()
-    lg = logits[0]  # (C, d, h, w)
+    # Logits in the output's axis order, once: a slab of output slices then reads one contiguous
+    # block (in the canonical order it is a thin strided slice of every row: 3x slower at 1.5 mm).
+    lg = logits[0].permute(0, 1 + src[0], 1 + src[1], 1 + src[2]).contiguous()
+    axes = tuple(replace(a, src_axis=m) for m, a in enumerate(axes))  # type: ignore[assignment]
     a0 = axes[0].valid
     for a in range(a0.start, a0.stop, slab):
         b = min(a + slab, a0.stop)

@@ -143,7 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_infer", help="work folder and results")
     ap.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["half", "full"])
-    ap.add_argument("--runs", nargs="+", default=["fast", "full", "peer"], choices=["fast", "full", "peer"])
+    ap.add_argument("--runs", nargs="+", default=["fast", "full", "peer"], choices=["fast", "full", "peer"],
+                    help="what to serve; leave out 'peer' for a quick run (the radiology app takes >15 min)")
     ap.add_argument("--peer-rss-cap-gb", type=float, default=16.0, help="stop the peer past this RSS")
     ap.add_argument("--peer-timeout", type=float, default=900.0, help="stop the peer after this many seconds")
     args = ap.parse_args()
@@ -174,7 +175,8 @@ def main() -> None:
                 r = run_one(server, images[size], model, params, cap, timeout)
                 r.update(run=run, size=size, shape="x".join(map(str, SIZES[size][0])))
                 rows.append(r)
-                print(f"      {r['wall_s']} s, peak RSS {r['peak_rss_gb']} GB {r['error']}", flush=True)
+                load = os.getloadavg()[0]
+                print(f"      {r['wall_s']} s, peak RSS {r['peak_rss_gb']} GB, load {load:.2f} {r['error']}", flush=True)
                 if r["error"]:
                     break
         finally:
@@ -187,6 +189,7 @@ def write_results(rows: list[dict], out: Path) -> None:
     import platform
 
     machine = f"{platform.node()}: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 1024**3:.0f} GB RAM, CPU"
+    machine += f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) at the end"
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "size", "shape", "wall_s", "peak_rss_gb", "latencies", "error"])

@@ -29,6 +29,8 @@ class Preprocessing(_Frozen):
     orientation: Literal["RPS"] = "RPS"
     hu_min: float = -1000.0
     hu_max: float = 1000.0
+    body_threshold_hu: float | None = -500.0  # infer runs inside the box of voxels above this; None: everywhere
+    body_margin_mm: float = Field(12.0, ge=0)  # air kept around that box
 
     @field_validator("hu_max")
     @classmethod

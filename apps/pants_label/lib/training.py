@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from lib.atomic import staged_dir
 from lib.labelmap import LabelMap
 from lib.segmenter import prepare, resample_label
 from lib.settings import Preset, SegmentationConfig
@@ -80,18 +81,11 @@ class CaseCache:
             if len(coords) > _MAX_CENTRES_PER_CLASS:
                 coords = coords[rng.choice(len(coords), _MAX_CENTRES_PER_CLASS, replace=False)]
             centres[str(int(cid))] = coords.astype(np.int16)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        np.save(tmp / "image.npy", prep.image[0, 0].numpy().astype(np.float16))
-        np.save(tmp / "label.npy", small_lab.astype(np.uint8))
-        np.savez(tmp / "centres.npz", **centres)
-        (tmp / "done").write_text(json.dumps({"image": image, "label": label}))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process built it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(folder) as tmp:  # another process may build it first: then its copy is kept
+            np.save(tmp / "image.npy", prep.image[0, 0].numpy().astype(np.float16))
+            np.save(tmp / "label.npy", small_lab.astype(np.uint8))
+            np.savez(tmp / "centres.npz", **centres)
+            (tmp / "done").write_text(json.dumps({"image": image, "label": label}))
 
 
 # ---- validation split ------------------------------------------------------------------------

@@ -81,7 +81,10 @@ def _specs(args: argparse.Namespace) -> list:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
     if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
         try:
-            training = type(seg_cfg.training).model_validate({**seg_cfg.training.model_dump(), "patch_size": args.patch})
+            dump = seg_cfg.training.model_dump()
+            # the simulation's patch on every device: the CPU overrides would otherwise replace it
+            dump.update(patch_size=args.patch, cpu={**(dump.get("cpu") or {}), "patch_size": args.patch})
+            training = type(seg_cfg.training).model_validate(dump)
         except ValueError as err:
             raise SystemExit(f"--patch {' '.join(map(str, args.patch))}: {err.errors()[0]['msg']}") from None
         seg_cfg = seg_cfg.model_copy(update={"training": training})

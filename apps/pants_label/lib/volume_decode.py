@@ -332,15 +332,21 @@ def _short(got: int, hdr: VolumeHeader) -> None:
     )
 
 
+def _check_raw_size(path: Path, hdr: VolumeHeader) -> None:
+    """Uncompressed data: the file itself must be long enough (nothing is read)."""
+    size = path.stat().st_size
+    if size < hdr.data_offset + hdr.nbytes:
+        _short(max(0, size - hdr.data_offset), hdr)
+
+
 def read_data(path: str | os.PathLike, hdr: VolumeHeader) -> np.ndarray:
     """The voxels, as an array of ``hdr.shape`` (Fortran order) in ``hdr.dtype``.
 
     Call it only after the header's shape was checked against what is expected: this allocates
     exactly ``hdr.nbytes``.
     """
-    path = Path(path)
-    if hdr.gzip_from is None and path.stat().st_size < hdr.data_offset + hdr.nbytes:
-        _short(max(0, path.stat().st_size - hdr.data_offset), hdr)
+    if hdr.gzip_from is None:
+        _check_raw_size(Path(path), hdr)
     out = np.empty(hdr.nbytes, dtype=np.uint8)
     view = memoryview(out)
     with open(path, "rb") as fh:
@@ -362,10 +368,8 @@ def read_data(path: str | os.PathLike, hdr: VolumeHeader) -> np.ndarray:
 def check_data_complete(path: str | os.PathLike, hdr: VolumeHeader) -> None:
     """Refuse a file whose data is shorter than its header says, reading it in small pieces
     (nothing of the header's size is allocated): for files handed to other readers afterwards."""
-    path = Path(path)
     if hdr.gzip_from is None:
-        if path.stat().st_size < hdr.data_offset + hdr.nbytes:
-            _short(max(0, path.stat().st_size - hdr.data_offset), hdr)
+        _check_raw_size(Path(path), hdr)
         return
     with open(path, "rb") as fh:
         stream = _stream(fh, hdr)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -829,6 +829,7 @@ def write_pants_tree(
     n_test: int = 0,
     metadata_format: Literal["csv", "xlsx"] = "csv",
     progress: bool = False,
+    lesions: Mapping[int, bool] | None = None,
 ) -> list[str]:
     """Write ``n`` phantoms in the PanTS layout under ``root``.
 
@@ -845,6 +846,8 @@ def write_pants_tree(
         n_test: how many of the cases form the test split.
         metadata_format: ``"csv"`` or ``"xlsx"``.
         progress: show a tqdm progress bar.
+        lesions: case index -> force a lesion on (True) or off (False); other cases draw it
+            (benchmarks use it to fix the share of lesion scans in each split).
 
     Returns:
         The case ids, in order.
@@ -869,10 +872,11 @@ def write_pants_tree(
         cid = case_id(index)
         image, seg_dir = _case_paths(root, cid, test=index >= n - n_test)
         complete = image.is_file() and all((seg_dir / f"{nm}.nii.gz").is_file() for nm in names)
+        lesion = (lesions or {}).get(index)
         if complete:
-            metas.append(case_meta(index, spacing=spacing_t, seed=seed))
+            metas.append(case_meta(index, spacing=spacing_t, seed=seed, lesion=lesion))
         else:
-            p = make_case(index, shape=shape_t, spacing=spacing_t, seed=seed)
+            p = make_case(index, shape=shape_t, spacing=spacing_t, seed=seed, lesion=lesion)
             write_case(p, image, seg_dir)
             metas.append(p.meta)
         ids.append(cid)

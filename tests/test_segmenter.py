@@ -49,8 +49,18 @@ def test_uniform_cells_skip_interpolation_exactly() -> None:
 
 
 def test_hu_window_maps_to_unit_range() -> None:
-    x = normalize_hu(np.array([-3000.0, -1000.0, 0.0, 1000.0, 3000.0]), CFG)
-    np.testing.assert_allclose(x.numpy(), [-1, -1, 0, 1, 1])
+    p = CFG.preprocessing
+    lo, hi = p.soft_tissue_hu
+    x = normalize_hu(np.array([-3000.0, -1000.0, lo, (lo + hi) / 2, hi, 1000.0, 3000.0]), CFG).numpy()
+    assert x[0] == x[1] == -1 and x[-1] == x[-2] == 1
+    # the soft-tissue window spans its share of [-1, 1], linearly
+    np.testing.assert_allclose(x[4] - x[2], 2 * p.soft_tissue_share, rtol=1e-6)
+    np.testing.assert_allclose(x[3], (x[2] + x[4]) / 2, atol=1e-6)
+    hu = np.linspace(-1200, 1200, 2401)
+    assert np.all(np.diff(normalize_hu(hu, CFG).numpy()) >= 0), "the map must be monotonic"
+    linear = CFG.model_copy(update={"preprocessing": p.model_copy(update={"soft_tissue_hu": None})})
+    np.testing.assert_allclose(normalize_hu(np.array([-3000.0, -1000.0, 0.0, 1000.0]), linear).numpy(),
+                               [-1, -1, 0, 1])
 
 
 def test_target_shape_follows_spacing() -> None:

@@ -54,12 +54,25 @@ def build_network(cfg: SegmentationConfig, num_classes: int) -> SegResNet:
 
 
 def normalize_hu(arr: np.ndarray | torch.Tensor, cfg: SegmentationConfig) -> torch.Tensor:
-    """Clip HU to the configured window and scale it to [-1, 1] (float32 tensor, may share memory)."""
+    """Clip HU to ``[hu_min, hu_max]`` and map it to [-1, 1] (float32 tensor, may share memory).
+
+    With ``soft_tissue_hu`` the map is piecewise linear: organs differ by tens of HU, and a single
+    map of 2,000 HU onto [-1, 1] leaves them a few thousandths apart, so the soft-tissue range
+    gets most of the input range (presets.yaml ``preprocessing``). The map is monotonic, so HU
+    thresholds (body box) carry over by mapping the threshold.
+    """
     p = cfg.preprocessing
+    xs, ys = p.hu_knots()
     t = torch.as_tensor(arr, dtype=torch.float32)
-    t = t.clamp(p.hu_min, p.hu_max)
-    centre, half = (p.hu_max + p.hu_min) / 2, (p.hu_max - p.hu_min) / 2
-    return t.sub_(centre).div_(half)
+    t = t.clamp(xs[0], xs[-1])  # a new tensor: the in-place steps below never touch ``arr``
+    slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+    # y = y0 + s0 (t - x0) + sum_k (s_k - s_{k-1}) relu(t - x_k), with one full-size temporary
+    bends = None
+    for k in range(1, len(slopes)):
+        term = (t - xs[k]).clamp_(min=0).mul_(slopes[k] - slopes[k - 1])
+        bends = term if bends is None else bends.add_(term)
+    t = t.sub_(xs[0]).mul_(slopes[0]).add_(ys[0])
+    return t if bends is None else t.add_(bends)
 
 
 def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, int, int]:

@@ -29,6 +29,10 @@ class Preprocessing(_Frozen):
     orientation: Literal["RPS"] = "RPS"
     hu_min: float = -1000.0
     hu_max: float = 1000.0
+    # HU range that gets ``soft_tissue_share`` of the network's input range [-1, 1]; the HU below
+    # and above it share the rest in proportion to their width. None: one linear map.
+    soft_tissue_hu: tuple[float, float] | None = None
+    soft_tissue_share: float = Field(0.7, gt=0, lt=1)
     body_threshold_hu: float | None = -500.0  # infer runs inside the box of voxels above this; None: everywhere
     body_margin_mm: float = Field(12.0, ge=0)  # air kept around that box
 
@@ -39,6 +43,24 @@ class Preprocessing(_Frozen):
         if lo is not None and v <= lo:
             raise ValueError(f"must be greater than hu_min ({lo})")
         return v
+
+    @field_validator("soft_tissue_hu")
+    @classmethod
+    def _inside(cls, v: tuple[float, float] | None, info) -> tuple[float, float] | None:  # noqa: ANN001
+        lo, hi = info.data.get("hu_min"), info.data.get("hu_max")
+        if v is not None and lo is not None and hi is not None and not lo < v[0] < v[1] < hi:
+            raise ValueError(f"must be two HU values with hu_min ({lo}) < low < high < hu_max ({hi}), got {list(v)}")
+        return v
+
+    def hu_knots(self) -> tuple[list[float], list[float]]:
+        """The input map as knots: HU values and the network input each becomes (linear between)."""
+        if self.soft_tissue_hu is None:
+            return [self.hu_min, self.hu_max], [-1.0, 1.0]
+        lo, hi = self.soft_tissue_hu
+        rest = 2.0 * (1.0 - self.soft_tissue_share)
+        below = rest * (lo - self.hu_min) / ((lo - self.hu_min) + (self.hu_max - hi))
+        y1 = -1.0 + below
+        return [self.hu_min, lo, hi, self.hu_max], [-1.0, y1, y1 + 2.0 * self.soft_tissue_share, 1.0]
 
 
 class NetworkConfig(_Frozen):

@@ -33,8 +33,8 @@ setup-gpu:
 
 demo: setup
 	@if [ "$(STUDIES)" = "data/demo" ] && [ ! -d data/demo/ImageTr ]; then \
-		echo "making the demo dataset in data/demo (12 phantom CTs, 2 held out as a test split)"; \
-		$(PY) scripts/make_phantoms.py --out data/demo --n 12 --n-test 2 --shape 192 192 128 --spacing 1.6 1.6 2.5; \
+		echo "making the demo dataset in data/demo (12 adult-size phantom CTs, 2 held out as a test split)"; \
+		$(PY) scripts/make_phantoms.py --out data/demo --n 12 --n-test 2 --shape 224 224 160 --spacing 1.65 1.65 2.5; \
 	fi
 	@if [ "$(STUDIES)" = "data/demo" ] && [ -f $(DEMO_MODEL) ] && [ ! -f $(DEMO_MODEL_DIR)/segresnet_fast.pt ]; then \
 		mkdir -p $(DEMO_MODEL_DIR) && cp $(DEMO_MODEL) $(DEMO_MODEL_DIR)/; \

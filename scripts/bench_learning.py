@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from lib.datastore import PanTSDatastore  # noqa: E402
 from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
 from lib.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
-from lib.model_store import model_path, read_json  # noqa: E402
+from lib.model_store import model_path, publish, read_json, write_json_atomic  # noqa: E402
 from lib.phantom import write_pants_tree  # noqa: E402
 from lib.segmenter import Segmenter  # noqa: E402
 from lib.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
@@ -53,6 +53,8 @@ from lib.volume_io import load_volume  # noqa: E402
 
 #: large organs with their own target (issue: >= 0.90)
 LARGE_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta", "postcava")
+PHANTOM_NOTE = ("phantom model: trained on synthetic PanTS-layout phantoms (scripts/bench_learning.py); "
+                "it shows the app working and is not for real CT")
 TARGETS = {"mean": 0.80, "large_organs": 0.90, "whole_pancreas": 0.85, "lesion": 0.60, "lesion_auc": 0.90}
 
 
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion-weight", type=float, default=None, help="crop-centre weight of the lesion class")
     p.add_argument("--seed", type=int, default=None, help="training seed (initial weights, crops)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--save-model", type=Path, default=None, help="copy the trained weights here")
+    p.add_argument("--save-model", type=Path, default=None,
+                   help="folder to write the trained weights to, with a phantom-model card (model_card.json)")
     return p
 
 
@@ -159,6 +162,24 @@ def test(weights: Path, cfg: SegmentationConfig, lm: LabelMap, preset: str, root
     return [{"class": k, "dsc": v} for k, v in per_class.items()], summary
 
 
+def save_model(weights: Path, args: argparse.Namespace, summary: dict, per_class: list[dict]) -> Path:
+    """Publish the weights into ``args.save_model`` with a card saying it is a phantom model."""
+    blob = torch.load(weights, map_location="cpu", weights_only=True)
+    card = {**blob["meta"], "phantom_model": True, "note": PHANTOM_NOTE,
+            "command": "python scripts/" + Path(sys.argv[0]).name + " " + " ".join(sys.argv[1:]),
+            "phantoms": {"n_train": args.n_train, "n_test": args.n_test, "shape": list(args.shape),
+                         "spacing_mm": list(args.spacing), "seed": args.data_seed},
+            "test_dice": {**{r["class"]: round(r["dsc"], 4) for r in per_class},
+                          **{k: round(summary[k], 4) for k in TARGETS}},
+            "train_wall_s": round(summary["train_wall_min"] * 60, 1), "train_cpu_s": round(summary["train_cpu_min"] * 60, 1),
+            "threads": args.threads, "device": summary["device"], "torch": torch.__version__}
+    out = model_path(args.save_model, args.preset)
+    publish(blob["state_dict"], card, out)
+    write_json_atomic(args.save_model / "model_card.json", card)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and its model_card.json")
+    return out
+
+
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else math.nan
@@ -191,15 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"training published no model: {stats}")
             return 1
         per_class, summary = test(weights, trainer.cfg, lm, args.preset, root)
-        if args.save_model:
-            args.save_model.parent.mkdir(parents=True, exist_ok=True)
-            args.save_model.write_bytes(weights.read_bytes())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary.update(train_wall_min=round(wall / 60, 2), train_cpu_min=round(cpu / 60, 2), peak_rss_mib=round(peak),
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        summary.update(train_wall_min=round(wall / 60, 2), train_cpu_min=round(cpu / 60, 2), peak_rss_mib=round(peak),
                    iterations=stats.get("iterations"), fastest_iteration_s=stats.get("fastest_iteration_s"),
                    val_metric=stats.get("best_metric"), request=request, patch=stats.get("patch"),
                    batch_size=stats.get("batch_size"), data=str(root), threads=args.threads,
                    device="cuda" if torch.cuda.is_available() else "cpu", torch=torch.__version__)
+        if args.save_model:
+            save_model(weights, args, summary, per_class)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     with open(args.out / "per_class.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, ["class", "dsc"])

@@ -2,13 +2,15 @@
 
 The viewer reads DICOMweb through the server's /proxy/dicom (Orthanc sends no CORS headers).
 Study list -> open the study in the MONAI Label mode -> connect the panel (model and its 28
-labels shown) -> run auto-segmentation -> the result is applied. A screenshot is kept in
-``out/ohif_autosegmentation.png``.
+labels shown) -> run auto-segmentation -> the result is applied. The server serves the committed
+demo model on an adult-size phantom, as ``make serve`` does, so the screenshot kept in
+``out/ohif_autosegmentation.png`` shows organs.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +39,10 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     require_chromium()
     base = tmp_path_factory.mktemp("ohif")
     root = base / "PanTS"
-    write_pants_tree(root, 1, shape=(40, 40, 32), spacing=(2.5, 2.5, 3.0), seed=7)
+    # adult size (370 x 370 x 400 mm, as the demo model's training phantoms) on a coarse grid
+    write_pants_tree(root, 1, shape=(80, 80, 56), spacing=(4.6, 4.6, 7.2), seed=7)
+    (base / "model").mkdir()
+    shutil.copy(REPO / "apps" / "pants_label" / "demo_model" / "segresnet_fast.pt", base / "model")
     orthanc = Orthanc(base / "orthanc", base / "orthanc.log")
     server = browser = None
     try:

@@ -13,6 +13,7 @@ from lib.segmenter import Segmenter, normalize_hu, target_shape, upsample_argmax
 from lib.settings import load_segmentation_config
 from lib.training import crop, effective_patch, split_train_val
 from lib.volume_io import Volume, canonical_spacing, load_volume, reorientation, write_label
+from server import APP_DIR
 
 CFG = load_segmentation_config()
 LM = load_labelmap()
@@ -130,6 +131,20 @@ def test_model_for_another_label_map_is_refused(tmp_path) -> None:
         Segmenter(CFG, LM, "fast", tmp_path / "m.pt").network()
 
 
+def test_model_for_another_input_map_is_refused(tmp_path) -> None:
+    from lib.model_store import publish
+    from lib.segmenter import build_network
+
+    net = build_network(CFG, LM.num_classes)
+    linear = CFG.preprocessing.model_copy(update={"soft_tissue_hu": None}).model_dump(mode="json")
+    publish(net.state_dict(), {"labels": LM.names, "preprocessing": linear}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="trained with preprocessing"):
+        Segmenter(CFG, LM, "fast", tmp_path / "m.pt").network()
+    same = CFG.preprocessing.model_dump(mode="json")
+    publish(net.state_dict(), {"labels": LM.names, "preprocessing": same}, tmp_path / "m.pt")
+    assert Segmenter(CFG, LM, "fast", tmp_path / "m.pt").network() is not None
+
+
 def test_validation_split_is_stable_and_stratified() -> None:
     ids = [f"c{i:03d}" for i in range(40)]
     centers = {i: ("A" if n < 30 else "B") for n, i in enumerate(ids)}
@@ -180,23 +195,24 @@ def test_dense_and_voxelwise_paths_agree_with_trilinear_under_crop_and_flips(spa
 def test_body_crop_keeps_the_body_and_leaves_air_background(tmp_path) -> None:
     """The network runs on the body's box only; outside it the label is background.
 
-    With a fixed random network, cropping changes the answer inside the body by GroupNorm alone:
-    its statistics are over the whole window, which no longer holds the air around the body, and
-    a random network's 29 logits are near-ties (0.80 of body voxels agree in this phantom; the
-    goal of 0.999 needs a trained network's margins). The bound catches a misplaced crop.
+    Cropping may change the answer inside the body through GroupNorm alone (its statistics are
+    over the whole window, which no longer holds the air around the body). With the committed
+    demo model on an adult-size phantom, nearly every body voxel keeps its label.
     """
     from lib.phantom import make_case
 
-    ph = make_case(0, shape=(128, 128, 80), spacing=(2.4, 2.4, 3.0), seed=3)
+    demo = APP_DIR / "demo_model" / "segresnet_fast.pt"
+    ph = make_case(0, shape=(112, 112, 80), spacing=(3.3, 3.3, 5.0), seed=3)
     vol = Volume(ph.ct.astype(np.float32), ph.affine)
     nocrop = CFG.model_copy(update={"preprocessing": CFG.preprocessing.model_copy(update={"body_threshold_hu": None})})
-    cropped, _ = Segmenter(CFG, LM, "fast", tmp_path / "none.pt").segment(vol)
-    whole, _ = Segmenter(nocrop, LM, "fast", tmp_path / "none.pt").segment(vol)
+    cropped, _ = Segmenter(CFG, LM, "fast", demo).segment(vol)
+    whole, _ = Segmenter(nocrop, LM, "fast", demo).segment(vol)
     body = vol.array > CFG.preprocessing.body_threshold_hu
-    assert (cropped[body] == whole[body]).mean() >= 0.75
-    # Outside the body's box plus margin: background, where the uncropped random network is not.
+    agree = (cropped[body] == whole[body]).mean()
+    assert agree >= 0.99, agree
+    # Outside the body's box plus margin: background.
     idx = [np.nonzero(body.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
     margin = [int(np.ceil(CFG.preprocessing.body_margin_mm / s)) + 1 for s in vol.spacing]
     near = np.zeros(body.shape, bool)
     near[tuple(slice(max(i[0] - m, 0), i[-1] + 1 + m) for i, m in zip(idx, margin))] = True
-    assert (~near).any() and (cropped[~near] == 0).all() and (whole[~near] != 0).any()
+    assert (~near).any() and (cropped[~near] == 0).all()

@@ -469,6 +469,12 @@ class Segmenter:
                     f"{self.model_path}: model was trained for labels {names}, not this label map; "
                     "move it aside or retrain"
                 )
+            made_for = meta.get("preprocessing")
+            if made_for is not None and made_for != self.cfg.preprocessing.model_dump(mode="json"):
+                raise ValueError(
+                    f"{self.model_path}: model was trained with preprocessing {made_for}, not this one "
+                    f"(configs/presets.yaml preprocessing); move it aside or retrain"
+                )
             net.load_state_dict(ckpt["state_dict"])
             trained = True
             logger.info(f"loaded weights {self.model_path} ({meta.get('summary', '')})")

@@ -40,8 +40,9 @@ class CachedCase:
     centres: dict[int, np.ndarray]  # class id -> (n, 3) voxel coordinates
 
 
-def _key(image: str, label: str, preset: Preset) -> str:
-    parts = [preset.model_dump_json()]
+def _key(image: str, label: str, preset: Preset, cfg: SegmentationConfig) -> str:
+    # the input map is part of the key: a cache made under another HU map would train the wrong input
+    parts = [preset.model_dump_json(), cfg.preprocessing.model_dump_json()]
     for p in (image, label):
         st = os.stat(p)
         parts.append(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}")
@@ -56,7 +57,7 @@ class CaseCache:
         self.cfg, self.preset, self.labelmap = cfg, preset, labelmap
 
     def get(self, image_id: str, image: str, label: str) -> CachedCase:
-        folder = self.root / _key(image, label, self.preset)
+        folder = self.root / _key(image, label, self.preset, self.cfg)
         if not (folder / "done").exists():
             self._build(folder, image, label)
         img = np.load(folder / "image.npy", mmap_mode="r")

@@ -43,8 +43,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
 SHAPE = (16, 16, 12)
 TARGETS = {"re-open": 5.0, "next sample": 0.050, "save label": 0.050}
@@ -66,7 +64,7 @@ def build_tree(out: Path, n: int, labeled: int, seed: int = 0) -> tuple[Path, Pa
     import numpy as np
     from tqdm import tqdm
 
-    from lib.labelmap import load_labelmap
+    from lib.core.labelmap import load_labelmap
 
     lm = load_labelmap()
     pants, flat, proto = out / "pants", out / "flat", out / "proto"
@@ -138,7 +136,7 @@ def run_worker(which: str, tree: Path, label: Path, reps: int, reopen_reps: int,
     strategy = Random()
 
     if which == "ours":
-        from lib.datastore import PanTSDatastore
+        from lib.datastore.pants import PanTSDatastore
 
         shutil.rmtree(tree / ".pants_label", ignore_errors=True)
 

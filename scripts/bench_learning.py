@@ -41,15 +41,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lib.datastore import PanTSDatastore  # noqa: E402
-from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
-from lib.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
-from lib.model_store import model_path, read_json  # noqa: E402
-from lib.phantom import write_pants_tree  # noqa: E402
-from lib.segmenter import Segmenter  # noqa: E402
-from lib.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
+from lib.datastore.pants import PanTSDatastore  # noqa: E402
+from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
+from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
+from lib.model.model_store import model_path, read_json  # noqa: E402
+from pants_tools.phantom import write_pants_tree  # noqa: E402
+from lib.model.segmenter import Segmenter  # noqa: E402
+from lib.core.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
-from lib.volume_io import load_volume  # noqa: E402
+from lib.imaging.volume_io import load_volume  # noqa: E402
 
 #: large organs with their own target (issue: >= 0.90)
 LARGE_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta", "postcava")

@@ -32,15 +32,15 @@ sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.datastore import PanTSDatastore  # noqa: E402
-from lib.labelmap import load_labelmap  # noqa: E402
-from lib.metrics import mean_dice  # noqa: E402
-from lib.model_store import model_path, publish  # noqa: E402
-from lib.phantom import write_pants_tree  # noqa: E402
-from lib.segmenter import Segmenter  # noqa: E402
-from lib.settings import load_segmentation_config  # noqa: E402
+from lib.datastore.pants import PanTSDatastore  # noqa: E402
+from lib.core.labelmap import load_labelmap  # noqa: E402
+from lib.model.metrics import mean_dice  # noqa: E402
+from lib.model.model_store import model_path, publish  # noqa: E402
+from pants_tools.phantom import write_pants_tree  # noqa: E402
+from lib.model.segmenter import Segmenter  # noqa: E402
+from lib.core.settings import load_segmentation_config  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
-from lib.volume_io import load_volume  # noqa: E402
+from lib.imaging.volume_io import load_volume  # noqa: E402
 
 PRESET = "fast"
 #: the demo dataset, as the Makefile's ``demo`` target makes it

@@ -15,12 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.config_errors import ConfigError
-from lib.datastore import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
-from lib.label_upload import DatastoreError
-from lib.labelmap import load_labelmap
-from lib.metadata import read_metadata
-from lib.phantom import write_pants_tree
+from lib.core.config_errors import ConfigError
+from lib.datastore.pants import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
+from lib.datastore.label_upload import DatastoreError
+from lib.core.labelmap import load_labelmap
+from lib.imaging.metadata import read_metadata
+from pants_tools.phantom import write_pants_tree
 
 LM = load_labelmap()
 SHAPE = (32, 32, 24)

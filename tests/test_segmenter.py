@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.labelmap import load_labelmap
-from lib.segmenter import Segmenter, normalize_hu, target_shape, upsample_argmax
-from lib.settings import load_segmentation_config
-from lib.training import crop, effective_patch, split_train_val
-from lib.volume_io import Volume, canonical_spacing, load_volume, reorientation, write_label
+from lib.core.labelmap import load_labelmap
+from lib.model.segmenter import Segmenter, normalize_hu, target_shape, upsample_argmax
+from lib.core.settings import load_segmentation_config
+from lib.model.training import crop, effective_patch, split_train_val
+from lib.imaging.volume_io import Volume, canonical_spacing, load_volume, reorientation, write_label
 
 CFG = load_segmentation_config()
 LM = load_labelmap()
@@ -111,8 +111,8 @@ def test_unreadable_image_is_a_clear_error(tmp_path) -> None:
 
 
 def test_model_for_another_label_map_is_refused(tmp_path) -> None:
-    from lib.model_store import publish
-    from lib.segmenter import build_network
+    from lib.model.model_store import publish
+    from lib.model.segmenter import build_network
 
     net = build_network(CFG, LM.num_classes)
     publish(net.state_dict(), {"labels": ["a"] * 28}, tmp_path / "m.pt")
@@ -146,7 +146,7 @@ def test_crop_pads_outside_the_volume() -> None:
 @pytest.mark.parametrize("sparse_below", [0.0, 1.1])
 def test_dense_and_voxelwise_paths_agree_with_trilinear_under_crop_and_flips(sparse_below) -> None:
     """Both interpolation paths, on a crop of the logits, with flipped and permuted output axes."""
-    from lib.segmenter import AxisMap, labels_from_logits
+    from lib.model.segmenter import AxisMap, labels_from_logits
 
     torch.manual_seed(3)
     full = torch.randn(1, 4, 9, 8, 10)
@@ -175,7 +175,7 @@ def test_body_crop_keeps_the_body_and_leaves_air_background(tmp_path) -> None:
     a random network's 29 logits are near-ties (0.80 of body voxels agree in this phantom; the
     goal of 0.999 needs a trained network's margins). The bound catches a misplaced crop.
     """
-    from lib.phantom import make_case
+    from pants_tools.phantom import make_case
 
     ph = make_case(0, shape=(128, 128, 80), spacing=(2.4, 2.4, 3.0), seed=3)
     vol = Volume(ph.ct.astype(np.float32), ph.affine)

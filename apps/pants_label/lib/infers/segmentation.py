@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.labelmap import LabelMap
-from lib.segmenter import Segmenter
-from lib.volume_io import load_volume, result_suffix, write_label
+from lib.core.labelmap import LabelMap
+from lib.model.segmenter import Segmenter
+from lib.imaging.volume_io import load_volume, result_suffix, write_label
 
 logger = logging.getLogger(__name__)
 

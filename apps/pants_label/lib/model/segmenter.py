@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet
 
-from lib.labelmap import LabelMap
-from lib.settings import Preset, SegmentationConfig
-from lib.volume_io import Reorientation, Volume, canonical_spacing, reorientation
+from lib.core.labelmap import LabelMap
+from lib.core.settings import Preset, SegmentationConfig
+from lib.imaging.volume_io import Reorientation, Volume, canonical_spacing, reorientation
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lib.config_errors import ConfigError, load_yaml_model
-from lib.labelmap import REPO_ROOT, LabelMap
+from lib.core.config_errors import ConfigError, load_yaml_model
+from lib.core.labelmap import REPO_ROOT, LabelMap
 
 DEFAULT_AL_CONFIG = REPO_ROOT / "configs" / "active_learning.yaml"
 

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from lib.errors import bad_request, too_large, unprocessable, unsupported
+from lib.core.errors import bad_request, too_large, unprocessable, unsupported
 
 #: largest header accepted (NRRD text header; NIfTI ``vox_offset``)
 MAX_HEADER_BYTES = 1 << 20

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lib.atomic import atomic_write, write_json_atomic
+from lib.core.atomic import atomic_write, write_json_atomic
 
 
 def model_path(model_dir: Path, preset: str) -> Path:
@@ -27,7 +27,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def publish(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> Path:
-    """Write weights + meta atomically (:mod:`lib.atomic`): readers (infer, scoring) see either
+    """Write weights + meta atomically (:mod:`lib.core.atomic`): readers (infer, scoring) see either
     the old model or the new one, never a partial file."""
     return atomic_write(path, lambda tmp: torch.save({"state_dict": state_dict, "meta": meta}, tmp))
 

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lib.config_errors import ConfigError, load_yaml_model, validate_model
-from lib.labelmap import REPO_ROOT
+from lib.core.config_errors import ConfigError, load_yaml_model, validate_model
+from lib.core.labelmap import REPO_ROOT
 
 DEFAULT_PRESETS = REPO_ROOT / "configs" / "presets.yaml"
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from lib.atomic import atomic_write
+from lib.core.atomic import atomic_write
 
 #: columns written by :func:`write_metadata`, in order
 CANONICAL_COLUMNS: tuple[str, ...] = (

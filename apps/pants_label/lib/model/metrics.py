@@ -35,7 +35,7 @@ from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 if TYPE_CHECKING:
-    from lib.labelmap import LabelMap
+    from lib.core.labelmap import LabelMap
 
 #: the class whose predicted volume is the default per-scan lesion score
 LESION_CLASS = "pancreatic_lesion"

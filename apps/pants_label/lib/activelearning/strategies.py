@@ -35,7 +35,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.al_config import StrategyConfig
+from lib.core.al_config import StrategyConfig
 
 logger = logging.getLogger(__name__)
 

@@ -35,15 +35,15 @@ from dicomweb_client import DICOMwebClient
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from lib.atomic import staged_dir
-from lib.datastore_index import dumps, loads
-from lib.dicom_seg import check_seg_size, label_to_seg, seg_to_label
-from lib.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
-from lib.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
-from lib.labelmap import LabelMap, load_labelmap
-from lib.sqlite_file import SQLiteFile
-from lib.volume_decode import check_client_image
-from lib.volume_io import write_label, write_volume
+from lib.core.atomic import staged_dir
+from lib.datastore.index import dumps, loads
+from lib.imaging.dicom_seg import check_seg_size, label_to_seg, seg_to_label
+from lib.imaging.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
+from lib.datastore.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.datastore.sqlite_file import SQLiteFile
+from lib.imaging.volume_decode import check_client_image
+from lib.imaging.volume_io import write_label, write_volume
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +315,8 @@ class DICOMwebDatastore(Datastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Store an uploaded NIfTI CT in the server as a new CT series; returns its SeriesInstanceUID."""
-        from lib.dicom_series import stable_uid
-        from lib.volume_io import load_volume
+        from lib.imaging.dicom_series import stable_uid
+        from lib.imaging.volume_io import load_volume
 
         check_client_image(image_filename, "uploaded image")
         try:

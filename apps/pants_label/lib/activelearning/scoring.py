@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.al_config import ActiveLearningConfig, ScoringConfig
-from lib.model_store import read_json, write_json_atomic
-from lib.segmenter import Segmenter, normalize_hu, resample_image, target_shape
-from lib.volume_io import Volume, canonical_spacing, load_volume, reorientation
+from lib.core.al_config import ActiveLearningConfig, ScoringConfig
+from lib.model.model_store import read_json, write_json_atomic
+from lib.model.segmenter import Segmenter, normalize_hu, resample_image, target_shape
+from lib.imaging.volume_io import Volume, canonical_spacing, load_volume, reorientation
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Start-up recovery after a crash (``kill -9``, power loss, OOM kill).
 
-Every write of the app goes through :mod:`lib.atomic` (temporary name, fsync, rename) and every
+Every write of the app goes through :mod:`lib.core.atomic` (temporary name, fsync, rename) and every
 label is committed to the datastore's SQLite index only after its file is complete, so a crash can
 leave only:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.atomic import TMP_NAME
+from lib.core.atomic import TMP_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def mark_interrupted_training(model_dir: Path, report: RecoveryReport | None = N
     stale = [p for p in sorted(Path(model_dir).glob("train_stats*.json")) if _status(p) == "RUNNING"]
     if not stale or training_running_elsewhere(model_dir):
         return []
-    from lib.model_store import write_json_atomic
+    from lib.core.atomic import write_json_atomic
 
     changed = []
     for path in stale:

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from lib.config_errors import ConfigError, load_yaml_model
-from lib.dicom_series import SeriesGeometry, stable_uid
-from lib.labelmap import REPO_ROOT, LabelMap, load_labelmap
+from lib.core.config_errors import ConfigError, load_yaml_model
+from lib.imaging.dicom_series import SeriesGeometry, stable_uid
+from lib.core.labelmap import REPO_ROOT, LabelMap, load_labelmap
 
 DEFAULT_SEG_CODES = REPO_ROOT / "configs" / "dicom_seg.yaml"
 MANUFACTURER = "PanTS Label"

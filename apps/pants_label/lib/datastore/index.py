@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.sqlite_file import SQLiteFile
+from lib.datastore.sqlite_file import SQLiteFile
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lib.config_errors import load_yaml_model
+from lib.core.config_errors import load_yaml_model
 
-#: repository root (apps/pants_label/lib/labelmap.py -> repo)
-REPO_ROOT = Path(__file__).resolve().parents[3]
+#: repository root (apps/pants_label/lib/core/labelmap.py -> repo)
+REPO_ROOT = Path(__file__).resolve().parents[4]
 DEFAULT_LABELMAP = REPO_ROOT / "configs" / "labels.yaml"
 
 Group = Literal["pancreas", "vessels", "organs", "bones", "thorax"]

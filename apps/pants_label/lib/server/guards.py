@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from lib.config_errors import ConfigError
-from lib.errors import ClientError
+from lib.core.config_errors import ConfigError
+from lib.core.errors import ClientError
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +518,7 @@ class RequestGuard:
             return
         from starlette.concurrency import run_in_threadpool
 
-        from lib.recovery import mark_interrupted_training
+        from lib.datastore.recovery import mark_interrupted_training
 
         try:
             await run_in_threadpool(mark_interrupted_training, model_dir)
@@ -679,7 +679,7 @@ class RequestGuard:
         image = (query.get("image") or [""])[0]
         if not image or "file" in files or query.get("session_id"):
             return
-        from lib.label_upload import check_image_id
+        from lib.datastore.label_upload import check_image_id
 
         try:
             check_image_id(image)

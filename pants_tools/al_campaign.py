@@ -2,8 +2,8 @@
 
 One campaign = one (strategy, seed): start from ``k`` random seed scans, then rounds of
 train (:class:`lib.trainers.segmentation.PanTSTrain`) -> evaluate on the held-out test split ->
-score the unlabelled pool (:func:`lib.scoring.run_scoring`) -> select ``b`` scans with the
-strategy (:mod:`lib.strategies`, through leases as the server does) -> reveal their labels
+score the unlabelled pool (:func:`lib.activelearning.scoring.run_scoring`) -> select ``b`` scans with the
+strategy (:mod:`lib.activelearning.strategies`, through leases as the server does) -> reveal their labels
 (:meth:`PanTSDatastore.reveal_imported_many`, the "annotation").
 
 Each campaign lives in its own folder (datastore state, model, ``rounds.csv``). A finished round
@@ -25,17 +25,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lib.al_config import ActiveLearningConfig
-from lib.datastore import PanTSDatastore
-from lib.labelmap import LabelMap, load_labelmap
-from lib.metrics import auc_score, lesion_score_from_label, mean_dice
-from lib.model_store import model_path
-from lib.scoring import PanTSScoring, run_scoring
-from lib.segmenter import Segmenter
-from lib.settings import SegmentationConfig
-from lib.strategies import make_strategies
+from lib.core.al_config import ActiveLearningConfig
+from lib.datastore.pants import PanTSDatastore
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.model.metrics import auc_score, lesion_score_from_label, mean_dice
+from lib.model.model_store import model_path
+from lib.activelearning.scoring import PanTSScoring, run_scoring
+from lib.model.segmenter import Segmenter
+from lib.core.settings import SegmentationConfig
+from lib.activelearning.strategies import make_strategies
 from lib.trainers.segmentation import PanTSTrain
-from lib.volume_io import load_volume
+from lib.imaging.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ FIELDS = [
 class CampaignSpec:
     pool: Path
     out: Path
-    strategy: str  # a name from lib.strategies.make_strategies, or "full" (every pool label from round 0)
+    strategy: str  # a name from lib.activelearning.strategies.make_strategies, or "full" (every pool label from round 0)
     seed: int
     initial: int
     batch: int

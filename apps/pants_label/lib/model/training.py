@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lib.atomic import staged_dir
-from lib.labelmap import LabelMap
-from lib.segmenter import prepare, resample_label
-from lib.settings import Preset, SegmentationConfig
-from lib.volume_io import load_volume
+from lib.core.atomic import staged_dir
+from lib.core.labelmap import LabelMap
+from lib.model.segmenter import prepare, resample_label
+from lib.core.settings import Preset, SegmentationConfig
+from lib.imaging.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
 

@@ -47,10 +47,10 @@ import nibabel as nib
 import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
-from lib.atomic import atomic_write, commit, staged
-from lib.config_errors import ConfigError
-from lib.datastore_index import Index, dumps, loads
-from lib.label_upload import (
+from lib.core.atomic import atomic_write, commit, staged
+from lib.core.config_errors import ConfigError
+from lib.datastore.index import Index, dumps, loads
+from lib.datastore.label_upload import (
     DatastoreError,
     atomic_write_nifti,
     bad_request,
@@ -61,8 +61,8 @@ from lib.label_upload import (
     split_label_map,
     write_label_gz,
 )
-from lib.labelmap import LabelMap, load_labelmap
-from lib.volume_decode import check_client_image
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.imaging.volume_decode import check_client_image
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class PanTSDatastore(Datastore):
                 db.execute("DELETE FROM current WHERE image_id = ? AND tag = ? AND version = 0", (image_id, tag))
 
     def _refresh_metadata(self, force: bool) -> None:
-        from lib.metadata import find_metadata, read_metadata
+        from lib.imaging.metadata import find_metadata, read_metadata
 
         path = find_metadata(self.root)
         if path is None:

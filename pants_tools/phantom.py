@@ -37,9 +37,9 @@ from typing import Literal
 
 import numpy as np
 
-from lib.atomic import atomic_write
-from lib.labelmap import LabelMap, load_labelmap
-from lib.metadata import PHASES, CaseMeta, write_metadata
+from lib.core.atomic import atomic_write
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.imaging.metadata import PHASES, CaseMeta, write_metadata
 
 Vec3 = tuple[float, float, float]
 #: Hounsfield units by phase: (non-contrast, arterial, venous, delayed)

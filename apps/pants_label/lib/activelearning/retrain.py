@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from lib.model_store import read_json, write_json_atomic
+from lib.model.model_store import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

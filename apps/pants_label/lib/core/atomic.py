@@ -3,7 +3,7 @@
 Write to a temporary name in the destination's folder, fsync the file, rename it over the
 destination (atomic on one filesystem), fsync the folder. A crash at any point leaves either the
 old file or the new one, plus at most a temporary file whose name matches :data:`TMP_NAME`,
-which start-up recovery (:mod:`lib.recovery`) removes.
+which start-up recovery (:mod:`lib.datastore.recovery`) removes.
 
 Temporary names keep the destination's name as their tail (``.tmp-<12 hex>-v3.nii.gz``), since
 writers such as nibabel choose the format by suffix.

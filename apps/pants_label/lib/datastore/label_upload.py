@@ -22,10 +22,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lib.atomic import atomic_write
-from lib.errors import ClientError, bad_request, unprocessable
-from lib.labelmap import LabelMap
-from lib.volume_decode import MAX_LAYERS, read_data, read_header
+from lib.core.atomic import atomic_write
+from lib.core.errors import ClientError, bad_request, unprocessable
+from lib.core.labelmap import LabelMap
+from lib.imaging.volume_decode import MAX_LAYERS, read_data, read_header
 
 #: relative tolerance when comparing a label's affine with its image's
 AFFINE_RTOL = 1e-3
@@ -93,7 +93,7 @@ def read_label_file(path: str | os.PathLike, image: Geometry, max_bytes: int) ->
     """Decode a NIfTI or attached NRRD label for ``image`` (by content; the upload's name is not trusted).
 
     The header is checked against the image's grid before any voxel buffer is allocated, and the
-    data is read as a stream of exactly the header's size (:mod:`lib.volume_decode`), so a file
+    data is read as a stream of exactly the header's size (:mod:`lib.imaging.volume_decode`), so a file
     cannot make the server read another file or allocate more than a label of this image needs.
 
     Raises:
@@ -383,7 +383,7 @@ def _check_seg_nrrd(lf: LabelFile, image: Geometry, lm: LabelMap) -> CheckedLabe
 
 def write_label_gz(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """A uint8 label map as ``.nii.gz`` at gzip level 1 (labels compress well anyway; level 9 is
-    about 5x slower on full CTs). Call it through :mod:`lib.atomic`."""
+    about 5x slower on full CTs). Call it through :mod:`lib.core.atomic`."""
     img = nib.Nifti1Image(np.asarray(array, dtype=np.uint8), affine)
     img.header.set_data_dtype(np.uint8)
     img.set_qform(affine, code=1)

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
-from lib.atomic import atomic_write
+from lib.core.atomic import atomic_write
 
 
 @dataclass

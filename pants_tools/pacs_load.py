@@ -18,11 +18,11 @@ import nibabel as nib
 import numpy as np
 from dicomweb_client import DICOMwebClient
 
-from lib.dicom_seg import label_to_seg
-from lib.dicom_series import CTStudy, ct_series, series_geometry, stable_uid
-from lib.dicomweb import store
-from lib.labelmap import LabelMap, load_labelmap
-from lib.metadata import CaseMeta, find_metadata, read_metadata
+from lib.imaging.dicom_seg import label_to_seg
+from lib.imaging.dicom_series import CTStudy, ct_series, series_geometry, stable_uid
+from lib.datastore.dicomweb import store
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata
 
 #: slices per STOW-RS request (a 512x512 int16 slice is 0.5 MB)
 STOW_BATCH = 64

@@ -181,6 +181,20 @@ def _bad_uploads(root: Path, tmp: Path) -> list[tuple[str, str, Path, dict, str]
     ]
 
 
+def test_listing_never_stale_after_a_save(served, client, tmp_path: Path) -> None:
+    server, root, _ = served
+    url = f"{server.url}/datastore/?output=all"
+    before = http_json(url)
+    assert http_json(url) == before  # served twice from the cache
+    image_id = TRAIN[2]
+    path, label_info, _ = slicer_label(root, tmp_path, image_id, seed=7)
+    client.save_label(image_id, str(path), tag="final", params={"label_info": label_info})
+    after = http_json(url)
+    old = before["objects"][image_id]["labels"].get("final", {}).get("info", {}).get("version", 0)
+    assert after["objects"][image_id]["labels"]["final"]["info"]["version"] == old + 1
+    assert http_json(f"{server.url}/datastore/?output=stats")["total"] == len(after["objects"])  # other outputs as before
+
+
 def test_bad_upload_battery_refused_cleanly(served, client, tmp_path: Path) -> None:
     from monailabel.client.client import MONAILabelClientException
 

@@ -27,6 +27,7 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from lib.core.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
 from lib.core.labelmap import load_labelmap  # noqa: E402
+from lib.datastore.protocol import ScoredStore  # noqa: E402
 from lib.model.model_store import model_path  # noqa: E402
 from lib.activelearning.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
 from lib.model.segmenter import Segmenter, default_threads  # noqa: E402
@@ -144,7 +145,7 @@ class PanTSLabelApp(MONAILabelApp):
 
     def _start_scoring(self, version: str | None) -> bool:
         """Background scoring (a MONAI Label scoring task); False if one is already running."""
-        if not hasattr(self.datastore(), "scoring_todo"):
+        if not isinstance(self.datastore(), ScoredStore):
             return True  # this datastore keeps no scores (DICOMweb): nothing to do
         if version is None and not self.al_config.scoring.score_untrained:
             return True  # nothing to score with yet; act again when a model appears
@@ -213,12 +214,11 @@ class PanTSLabelApp(MONAILabelApp):
 
     def _al_status(self) -> dict[str, Any]:
         ds = self.datastore()
-        state_dir = getattr(ds, "state_dir", None)
-        if state_dir is None or not hasattr(ds, "active_leases"):  # DICOMweb: no scores/leases yet
+        if not isinstance(ds, ScoredStore):  # DICOMweb: no scores/leases yet
             return {}
         return {
-            "scoring": StatusFile(Path(state_dir) / STATUS_NAME).read(),
-            "scored": ds.index.count_scores(),
+            "scoring": StatusFile(Path(ds.state_dir) / STATUS_NAME).read(),
+            "scored": ds.count_scores(),
             "leases": len(ds.active_leases()),
             "lease_minutes": self.al_config.strategies.lease_minutes,
         }

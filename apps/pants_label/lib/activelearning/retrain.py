@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from lib.datastore.protocol import FINAL_TAG, PanTSStore
 from lib.model.model_store import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-FINAL_TAG = "final"
 #: MONAI Label background-task states of a run that is not over
 _ACTIVE = {"SUBMITTED", "RUNNING"}
 
@@ -55,16 +55,8 @@ def new_final_labels(datastore: Any, mark: int) -> tuple[int, int]:
     is a monotonic cursor: nothing is counted twice and nothing saved while the server was down
     is missed. Other datastores fall back to the number of scans with a ``final`` label.
     """
-    index = getattr(datastore, "index", None)
-    if index is not None and hasattr(index, "conn"):
-        c = index.conn()
-        top = c.execute("SELECT COALESCE(MAX(rowid), 0) FROM labels").fetchone()[0]
-        n = c.execute(
-            "SELECT COUNT(DISTINCT image_id) FROM labels WHERE tag = ? AND path IS NOT NULL AND origin = 'upload'"
-            " AND rowid > ? AND rowid <= ?",
-            (FINAL_TAG, mark, top),
-        ).fetchone()[0]
-        return int(n), int(top)
+    if isinstance(datastore, PanTSStore):
+        return datastore.final_labels_since(mark)
     total = len(datastore.get_labeled_images(FINAL_TAG))
     return max(0, total - mark), total
 

@@ -39,6 +39,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.core.al_config import ActiveLearningConfig, ScoringConfig
+from lib.datastore.protocol import PanTSStore, ScoredStore
 from lib.model.model_store import read_json, write_json_atomic
 from lib.model.segmenter import Segmenter, normalize_hu, resample_image, target_shape
 from lib.imaging.volume_io import Volume, canonical_spacing, load_volume, reorientation
@@ -329,7 +330,7 @@ class PanTSScoring(ScoringMethod):
         return v
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        if not hasattr(datastore, "store_scores"):
+        if not isinstance(datastore, ScoredStore):
             return {"skipped": "this datastore cannot store scores"}
         if self.cfg.scoring.threads:
             torch.set_num_threads(self.cfg.scoring.threads)
@@ -388,7 +389,7 @@ def run_scoring(
             if cost > method.cfg.scoring.cost_budget_s:
                 logger.warning("scoring %s took %.1f s (budget %.1f s): %s", image_id, cost,
                                method.cfg.scoring.cost_budget_s, s.seconds)
-            meta = datastore.get_metadata(image_id) if hasattr(datastore, "get_metadata") else {}
+            meta = datastore.get_metadata(image_id) if isinstance(datastore, PanTSStore) else {}
             row = score_row(image_id, s, version, meta, method.cfg.strategies.lesion_weight, cost)
             datastore.store_scores([row], INFO_KEY)
             scored += 1

@@ -36,6 +36,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.core.al_config import StrategyConfig
+from lib.datastore.protocol import ScoredStore
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class LeasingStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         name = request.get("strategy") or self.name
-        if not hasattr(datastore, "lease"):  # e.g. DICOMweb: random order, no leases or scores
+        if not isinstance(datastore, ScoredStore):  # e.g. DICOMweb: random order, no leases or scores
             return _random_without_leases(request, datastore, name)
         client = str(request.get("client_id") or "anonymous")
         seconds = self.cfg.lease_minutes * 60.0
@@ -229,7 +230,7 @@ class HybridStrategy(LeasingStrategy):
         self._cached: tuple[Any, References, dict[str | None, int]] | None = None
 
     def _references(self, datastore: Any, now: float) -> tuple[References, dict[str | None, int]]:
-        if not hasattr(datastore, "references_version"):  # a datastore without the counter
+        if not isinstance(datastore, ScoredStore):  # a datastore without the counter
             refs = References.from_rows(datastore.reference_scores(now, self.cfg.max_reference))
             return refs, datastore.score_groups()
         version = datastore.references_version()

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from dicomweb_client import DICOMwebClient
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.core.atomic import staged_dir
 from lib.datastore.index import dumps, loads
+from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, PanTSStore
 from lib.imaging.dicom_seg import check_seg_size, label_to_seg, seg_to_label
 from lib.imaging.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
 from lib.datastore.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
@@ -47,8 +47,6 @@ from lib.imaging.volume_io import write_label, write_volume
 
 logger = logging.getLogger(__name__)
 
-FINAL_TAG = DefaultLabelTag.FINAL.value
-IMPORTED_TAG = "pants"
 #: SEG ContentLabel -> tag; any other ContentLabel counts as ``final``
 CONTENT_LABEL_TAGS = {"PANTS": IMPORTED_TAG}
 #: QIDO fields kept as image info (and returned by next sample: OHIF needs StudyInstanceUID)
@@ -125,7 +123,7 @@ def store(client: DICOMwebClient, datasets: Sequence[Dataset]) -> None:
         raise RuntimeError(f"the DICOMweb server refused {len(failed)} instance(s) (failure reasons {reasons})")
 
 
-class DICOMwebDatastore(Datastore):
+class DICOMwebDatastore(PanTSStore):
     """MONAI Label ``Datastore`` over a DICOMweb server, with DICOM SEG labels.
 
     Args:
@@ -528,6 +526,11 @@ class DICOMwebDatastore(Datastore):
                        (dumps({**loads(local[4]), **info}), label_id, tag, local[0]))
 
     # ---- lists for training and clients --------------------------------------------------------
+    def final_labels_since(self, mark: int) -> tuple[int, int]:
+        # No append-only history here: the cursor is the number of scans with a final label.
+        total = len(self.get_labeled_images(FINAL_TAG))
+        return max(0, total - mark), total
+
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Labeled images for training (``final`` preferred over ``pants``); downloads what it needs."""
         out = []

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.core.errors import unknown
 from lib.datastore.sqlite_file import SQLiteFile
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE INDEX IF NOT EXISTS leases_expires ON leases (expires);
 CREATE TABLE IF NOT EXISTS changes (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 INSERT OR IGNORE INTO changes (name, n) VALUES ('references', 0);
+INSERT OR IGNORE INTO changes (name, n) VALUES ('listing', 0);
 """
 
 #: Triggers (bodies hold ';', so kept apart from the schema split on ';'). ``references`` counts
@@ -118,6 +120,14 @@ _TRIGGERS = [
         ("images_upd", "UPDATE OF split, mask_dir, removed, revealed", "images"),
         ("images_del", "DELETE", "images"),
     )
+] + [
+    # ``listing`` counts every change to what ``GET /datastore/?output=all`` shows (images and
+    # their info, live labels and their info, name/description): the cached listing is rebuilt
+    # when it moved, whichever process committed the change.
+    f"CREATE TRIGGER IF NOT EXISTS listing_{table}_{event.lower()} AFTER {event} ON {table} "
+    "BEGIN UPDATE changes SET n = n + 1 WHERE name = 'listing'; END"
+    for table in ("images", "current", "labels", "meta")
+    for event in ("INSERT", "UPDATE", "DELETE")
 ]
 
 #: score columns a strategy may rank by
@@ -417,9 +427,11 @@ class Index(SQLiteFile):
             )
         return True
 
-    def listing(self, splits: Sequence[str]) -> tuple[list[tuple], list[tuple]]:
-        """Every served image row (without metadata) and every live label, one snapshot, for ``json()``."""
+    def listing(self, splits: Sequence[str]) -> tuple[int, list[tuple], list[tuple]]:
+        """The ``listing`` change count, every served image row (without metadata) and every live
+        label, one snapshot, for ``json()``."""
         with self.read() as db:
+            changes = db.execute("SELECT n FROM changes WHERE name = 'listing'").fetchone()[0]
             images = list(
                 db.execute(
                     "SELECT id, split, path, mask_dir, removed, revealed, NULL, info, added_ts FROM images "
@@ -433,7 +445,7 @@ class Index(SQLiteFile):
                     "ON l.image_id = c.image_id AND l.tag = c.tag AND l.version = c.version"
                 )
             )
-        return images, labels
+        return changes, images, labels
 
     def info_values(self, key: str, splits: Sequence[str]) -> dict[str, Any]:
         """``{id: info[key]}`` over served images, one query (strategies ranking 36k scans by a score)."""
@@ -485,6 +497,17 @@ class Index(SQLiteFile):
             out.update(dict(self.conn().execute(q, tuple(part))))
         return out
 
+    def final_labels_since(self, tag: str, mark: int) -> tuple[int, int]:
+        """Scans with a ``tag`` upload in history rows after ``mark``, and the newest row id."""
+        with self.read() as db:
+            top = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM labels").fetchone()[0]
+            n = db.execute(
+                "SELECT COUNT(DISTINCT image_id) FROM labels WHERE tag = ? AND path IS NOT NULL AND origin = 'upload'"
+                " AND rowid > ? AND rowid <= ?",
+                (tag, mark, top),
+            ).fetchone()[0]
+        return int(n), int(top)
+
     def count_scores(self, model_version: str | None = None) -> int:
         if model_version is None:
             return int(self.conn().execute("SELECT COUNT(*) FROM scores").fetchone()[0])
@@ -507,7 +530,7 @@ class Index(SQLiteFile):
         walk follows the score's index, so the cost depends on ``limit``, not the pool size.
         """
         if column not in SCORE_COLUMNS:
-            raise ValueError(f"unknown score column {column!r}; choose one of {SCORE_COLUMNS}")
+            raise ValueError(unknown("score column", column, SCORE_COLUMNS))
         where, args = self._label_filter(tags, imported_tag, hide_imported, False)
         where, args = _and_unleased(where, args, now)
         q = (

@@ -32,6 +32,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -45,11 +46,11 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from lib.core.atomic import atomic_write, commit, staged
 from lib.core.config_errors import ConfigError
 from lib.datastore.index import Index, dumps, loads
+from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS, ScoredStore
 from lib.datastore.label_upload import (
     DatastoreError,
     atomic_write_nifti,
@@ -78,10 +79,6 @@ def _gc_paused():
         if was:
             gc.enable()
 
-FINAL_TAG = DefaultLabelTag.FINAL.value
-IMPORTED_TAG = "pants"
-#: tags that make a scan "labeled", in the order training prefers them
-TRAINING_TAGS: tuple[str, ...] = (FINAL_TAG, IMPORTED_TAG)
 STATE_DIRNAME = ".pants_label"
 INDEX_NAME = "index.sqlite"
 
@@ -120,7 +117,7 @@ def _scandir_names(path: Path, dirs: bool) -> list[str]:
         return []
 
 
-class PanTSDatastore(Datastore):
+class PanTSDatastore(ScoredStore):
     """MONAI Label ``Datastore`` over a PanTS root or a flat NIfTI folder, indexed in SQLite.
 
     Args:
@@ -137,6 +134,8 @@ class PanTSDatastore(Datastore):
     Raises:
         ConfigError: ``root`` missing, or no writable ``state_dir``, or a bad metadata file.
     """
+
+    local_images = True  # image ids are files on this machine
 
     def __init__(
         self,
@@ -163,6 +162,8 @@ class PanTSDatastore(Datastore):
         self.index = Index(self.state_dir / INDEX_NAME)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._listing_cache: tuple[int, bytes] | None = None  # (index 'listing' count, JSON)
+        self._listing_lock = threading.Lock()
         self._lm_fingerprint = hashlib.sha1(
             dumps([self.lm.names, self.lm.overlap_priority]).encode()
         ).hexdigest()[:12]
@@ -615,6 +616,13 @@ class PanTSDatastore(Datastore):
         """``(id, grp, embedding)`` of scored scans under a live lease."""
         return self.index.leased_scores(now)
 
+    def count_scores(self) -> int:
+        return self.index.count_scores()
+
+    def final_labels_since(self, mark: int) -> tuple[int, int]:
+        # Label history is append-only (every save is a new row): a row id is a monotonic cursor.
+        return self.index.final_labels_since(FINAL_TAG, mark)
+
     def references_version(self) -> tuple[str, int]:
         """Changes whenever :meth:`labelled_scores` or :meth:`score_groups` may answer differently."""
         return str(self.index.path), self.index.change_count("references")
@@ -911,10 +919,31 @@ class PanTSDatastore(Datastore):
         paths are left to :meth:`get_image_info` and :meth:`metadata_table`.
         """
         with _gc_paused():  # 36k scans = ~150k small dicts: cyclic GC passes would double the time
-            return self._listing()
+            return self._listing()[1]
 
-    def _listing(self) -> dict[str, Any]:
-        images, labels = self.index.listing(self.served_splits)
+    def json_bytes(self) -> bytes:
+        """:meth:`json` as UTF-8 JSON, cached until the index's ``listing`` change count moves.
+
+        3D Slicer asks for the listing on every next sample; at 36k scans building it takes
+        hundreds of ms, reading the counter well under one. The counter is read in the same
+        snapshot as the rows, and every commit that changes the listing (from any process)
+        bumps it, so a cached body is never older than the last save.
+        """
+        cached = self._listing_cache
+        if cached is not None and cached[0] == self.index.change_count("listing"):
+            return cached[1]
+        with self._listing_lock:  # one rebuild at a time; the others then find it fresh
+            cached = self._listing_cache
+            if cached is not None and cached[0] == self.index.change_count("listing"):
+                return cached[1]
+            with _gc_paused():
+                changes, listing = self._listing()
+            body = json.dumps(listing, ensure_ascii=False, separators=(",", ":")).encode()
+            self._listing_cache = (changes, body)
+            return body
+
+    def _listing(self) -> tuple[int, dict[str, Any]]:
+        changes, images, labels = self.index.listing(self.served_splits)
         by_image: dict[str, dict[str, Any]] = {}
         for image_id, tag, version, ts, info in labels:
             d = loads(info)
@@ -928,7 +957,7 @@ class PanTSDatastore(Datastore):
                 labs[IMPORTED_TAG] = {"ext": ".nii.gz", "info": {"source": "PanTS per-structure masks"}}
             info = self._compose_info(row, with_path=False)
             objects[image_id] = {"image": {"ext": info["name"][len(image_id):], "info": info}, "labels": labs}
-        return {
+        return changes, {
             "name": self.name(),
             "description": self.description(),
             "root": str(self.root),

@@ -1,4 +1,8 @@
-"""Loading declarative config files into pydantic models with errors that name the key."""
+"""Loading declarative config files into pydantic models with errors that name the key.
+
+:class:`ConfigError` itself lives in :mod:`lib.core.errors` (the one error type) and is
+re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lib.core.errors import ConfigError
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config file or ``--conf`` value is invalid; the message names the file, key and problem."""
 
 
 def format_validation_error(source: str, err: ValidationError) -> str:

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from lib.core.config_errors import ConfigError, load_yaml_model
+from lib.core.errors import unknown
 from lib.imaging.dicom_series import SeriesGeometry, stable_uid
 from lib.core.labelmap import REPO_ROOT, LabelMap, load_labelmap
 
@@ -67,7 +68,7 @@ class SegCoding(BaseModel):
     def _categories_known(self) -> "SegCoding":
         for name, c in self.classes.items():
             if c.category not in self.categories:
-                raise ValueError(f"classes.{name}.category: unknown {c.category!r}; known {sorted(self.categories)}")
+                raise ValueError(f"classes.{name}.category: {unknown('category', c.category, self.categories)}")
         return self
 
 

@@ -34,6 +34,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
+from lib.core.errors import unknown
+
 if TYPE_CHECKING:
     from lib.core.labelmap import LabelMap
 
@@ -220,7 +222,7 @@ def _resolve_classes(labelmap: LabelMap, classes: Iterable[str | int] | None) ->
     for c in classes:
         name = labelmap.id_to_name.get(c) if isinstance(c, (int, np.integer)) else c
         if name not in allowed:
-            raise ValueError(f"unknown class {c!r}; allowed: {', '.join(allowed)} (or ids 1..{labelmap.num_classes})")
+            raise ValueError(unknown("class", c, allowed, f" (or ids 1..{labelmap.num_classes})", ordered=True))
         wanted.add(name)
     return [n for n in allowed if n in wanted]
 

@@ -44,7 +44,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from lib.core.config_errors import ConfigError
-from lib.core.errors import ClientError
+from lib.core.errors import ClientError, look_up
+from lib.datastore.protocol import PanTSStore
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +155,6 @@ def enforce_loopback_bind(argv: Sequence[str] | None = None, config: Any | None 
 # ---- errors ----------------------------------------------------------------------------------
 
 
-class Refused(Exception):
-    """A request refused by a guard: ``status`` with ``detail`` as the message."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
 def _json_response(status: int, detail: str) -> tuple[dict[str, Any], bytes]:
     body = json.dumps({"detail": detail}).encode()
     start = {
@@ -251,9 +244,9 @@ def check_numbers(value: Any, where: str) -> None:
         return
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
-            raise Refused(400, f"{where}: {value!r} is not a finite number")
+            raise ClientError(400, f"{where}: {value!r} is not a finite number")
         if abs(value) > MAX_ABS_NUMBER:
-            raise Refused(400, f"{where}: {value!r} is too large; numbers must lie within +-{MAX_ABS_NUMBER:g}")
+            raise ClientError(400, f"{where}: {value!r} is too large; numbers must lie within +-{MAX_ABS_NUMBER:g}")
     elif isinstance(value, dict):
         for k, v in value.items():
             check_numbers(v, f"{where}.{k}")
@@ -279,16 +272,16 @@ def parse_json_object(raw: bytes | str, where: str, allow_empty: bool = True) ->
     if not text.strip():
         if allow_empty:
             return None
-        raise Refused(400, f"{where}: empty; send a JSON object such as {{}}")
+        raise ClientError(400, f"{where}: empty; send a JSON object such as {{}}")
     try:
         # int parsing of >4300 digits raises ValueError; NaN/Infinity are refused outright
         value = json.loads(text, parse_constant=_reject_constant)
     except ValueError as err:
-        raise Refused(400, f"{where} is not valid JSON ({err}); send a JSON object such as {{}}") from None
+        raise ClientError(400, f"{where} is not valid JSON ({err}); send a JSON object such as {{}}") from None
     if value is None and allow_empty:
         return None
     if not isinstance(value, dict):
-        raise Refused(400, f"{where} must be a JSON object, got {type(value).__name__} {text[:60]!r}")
+        raise ClientError(400, f"{where} must be a JSON object, got {type(value).__name__} {text[:60]!r}")
     check_numbers(value, where)
     return value
 
@@ -300,7 +293,7 @@ def check_range(params: dict[str, Any], ranges: dict[str, tuple[float, float]], 
         v = params[key]
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
         if not ok or not lo <= v <= hi:
-            raise Refused(422, f"{where}.{key}: {v!r} is out of range; allowed {lo:g}..{hi:g}")
+            raise ClientError(422, f"{where}.{key}: {v!r} is out of range; allowed {lo:g}..{hi:g}")
 
 
 def check_query_ints(scope: Scope, ranges: dict[str, tuple[int, int]]) -> None:
@@ -312,17 +305,17 @@ def check_query_ints(scope: Scope, ranges: dict[str, tuple[int, int]]) -> None:
             except ValueError:
                 v = None
             if v is None or not lo <= v <= hi:
-                raise Refused(422, f"query parameter {key}={raw[:40]!r}: must be an integer in {lo}..{hi}")
+                raise ClientError(422, f"query parameter {key}={raw[:40]!r}: must be an integer in {lo}..{hi}")
 
 
 def check_filename(raw: bytes, field: str) -> None:
     """Refuse upload file names that are too long or hold control characters (NUL, newline, ...)."""
     if len(raw) > MAX_FILENAME_BYTES:
-        raise Refused(400, f"file name of form field {field!r} is {len(raw)} bytes long; "
+        raise ClientError(400, f"file name of form field {field!r} is {len(raw)} bytes long; "
                            f"at most {MAX_FILENAME_BYTES} are accepted")
     bad = sorted({c for c in raw if c < 0x20 or c == 0x7F})
     if bad:
-        raise Refused(400, f"file name of form field {field!r} contains control characters "
+        raise ClientError(400, f"file name of form field {field!r} contains control characters "
                            f"({', '.join(f'0x{c:02x}' for c in bad)}); rename the file")
 
 
@@ -368,7 +361,7 @@ class _FormFields:
         self._name = opts.get(b"name", b"").decode("utf-8", "replace")
         self._is_file = b"filename" in opts
         if self._name in self.fields or self._name in self.files:
-            raise Refused(400, f"form field {self._name!r} appears more than once; send each field once")
+            raise ClientError(400, f"form field {self._name!r} appears more than once; send each field once")
         if self._is_file:
             check_filename(opts[b"filename"], self._name)
             self.files.add(self._name)
@@ -378,7 +371,7 @@ class _FormFields:
             return
         self._buf += data[start:end]
         if len(self._buf) > self.limit:
-            raise Refused(413, f"form field {self._name!r} is over {self.limit} bytes")
+            raise ClientError(413, f"form field {self._name!r} is over {self.limit} bytes")
 
     def _part_end(self) -> None:
         if not self._is_file and self._name is not None:
@@ -426,9 +419,9 @@ class RequestGuard:
             self._check_busy(classify(scope.get("method", "GET"), scope.get("path", "/")))  # before reading a body
             receive, route = await self._check(scope, receive)
             pool = {"infer": "infer", "upload": "upload"}.get(route.kind)
-        except Refused as err:
-            logger.info("refused %s %s: %d %s", scope.get("method"), scope.get("path"), err.status, err.detail)
-            start, body = _json_response(err.status, err.detail)
+        except ClientError as err:
+            logger.info("refused %s %s: %d %s", scope.get("method"), scope.get("path"), err.status_code, err.detail)
+            start, body = _json_response(err.status_code, str(err.detail))
             await send(start)
             await send({"type": "http.response.body", "body": body})
             return
@@ -447,7 +440,7 @@ class RequestGuard:
     def _check_busy(self, route: "Route") -> None:
         """503 when ``infer_workers`` inferences run and ``infer_queue`` more wait already."""
         if route.kind == "infer" and self._waiting["infer"] >= self.infer_workers + self.infer_queue:
-            raise Refused(
+            raise ClientError(
                 503,
                 f"server busy: {self._waiting['infer']} inference requests are running or queued "
                 f"(infer_workers = {self.infer_workers}, infer_queue = {self.infer_queue}); retry in a few seconds",
@@ -488,7 +481,7 @@ class RequestGuard:
             form = parse_qs(spool.read().decode("utf-8", "replace"))
         user, password = (form.get("username") or [""])[0], (form.get("password") or [""])[0]
         if not user or not password:
-            raise Refused(400, "login form: 'username' and 'password' are required")
+            raise ClientError(400, "login form: 'username' and 'password' are required")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         body = json.dumps({"access_token": token, "token_type": "Basic"}).encode()
         await send({"type": "http.response.start", "status": 200,
@@ -537,10 +530,7 @@ class RequestGuard:
             "scoring": ("scoring method", getattr(app, "_scoring_methods", {})),
         }
         what, known = known_by_kind[route.kind]
-        if route.name not in known:
-            raise Refused(
-                404, f"unknown {what} {route.name!r}; this server has: {', '.join(sorted(known)) or 'none'}"
-            )
+        look_up(what, route.name, known, status=404)
 
     async def _read_body(self, scope: Scope, receive: Receive, limit: int, what: str) -> tuple[Any, int]:
         """The body into a spooled temp file, refusing it past ``limit`` bytes (413)."""
@@ -549,22 +539,22 @@ class RequestGuard:
             try:
                 n = int(length)
             except ValueError:
-                raise Refused(400, f"Content-Length {length[:20]!r} is not a number") from None
+                raise ClientError(400, f"Content-Length {length[:20]!r} is not a number") from None
             if n > limit:
-                raise Refused(413, f"{what}: the request is {n} bytes, too large")
+                raise ClientError(413, f"{what}: the request is {n} bytes, too large")
         elif "chunked" in (_header(scope, b"transfer-encoding") or "").lower() and what.startswith("upload"):
-            raise Refused(411, "uploads need a Content-Length header (chunked uploads are not accepted)")
+            raise ClientError(411, "uploads need a Content-Length header (chunked uploads are not accepted)")
         spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)
         total = 0
         try:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise Refused(400, "client disconnected during the upload")
+                    raise ClientError(400, "client disconnected during the upload")
                 chunk = message.get("body", b"")
                 total += len(chunk)
                 if total > limit:
-                    raise Refused(413, f"{what}: the request is over {limit} bytes, too large")
+                    raise ClientError(413, f"{what}: the request is over {limit} bytes, too large")
                 if chunk:
                     spool.write(chunk)
                 if not message.get("more_body", False):
@@ -598,7 +588,7 @@ class RequestGuard:
         media = _media_type(scope)
         body_expected = route.kind != "infer" or media != ""
         if media not in ("multipart/form-data", "application/x-www-form-urlencoded") and body_expected:
-            raise Refused(
+            raise ClientError(
                 415,
                 f"Content-Type {media or '(none)'!r} is not accepted here; send multipart/form-data "
                 "(fields 'params' as a JSON object, and the file)",
@@ -606,7 +596,7 @@ class RequestGuard:
         if scope.get("path") == "/session/" and _query_true(scope, "uncompress"):
             # MONAI Label unpacks such an archive with shutil.unpack_archive: a tar member named
             # ../../x or a link would write or read outside the session folder
-            raise Refused(400, "uncompress: archives are not unpacked on the server; send the image file itself "
+            raise ClientError(400, "uncompress: archives are not unpacked on the server; send the image file itself "
                                "(NIfTI or NRRD)")
         if route.kind in ("upload", "infer"):
             # the file plus room for the multipart framing and the params field
@@ -633,7 +623,7 @@ class RequestGuard:
                     owned = [k for k in _SERVER_OWNED_PARAMS if k in parsed]
                     if owned:
                         spool.close()
-                        raise Refused(400, f"params.{owned[0]} is set by the server; send the image id as the "
+                        raise ClientError(400, f"params.{owned[0]} is set by the server; send the image id as the "
                                            "'image' query parameter or the image as the 'file' part")
         if route.kind == "infer":
             try:
@@ -654,7 +644,7 @@ class RequestGuard:
         _, opts = parse_options_header(_header(scope, b"content-type") or "")
         boundary = opts.get(b"boundary")
         if not boundary:
-            raise Refused(400, "multipart/form-data without a boundary in its Content-Type")
+            raise ClientError(400, "multipart/form-data without a boundary in its Content-Type")
         collector = _FormFields(MAX_FIELD_BYTES)
         parser = MultipartParser(boundary, collector.callbacks())
         try:
@@ -664,32 +654,29 @@ class RequestGuard:
                     break
                 parser.write(chunk)
             parser.finalize()
-        except Refused:
+        except ClientError:
             raise
         except Exception as err:  # python-multipart raises several types for damaged bodies
-            raise Refused(400, f"the multipart/form-data body is malformed ({err})") from None
+            raise ClientError(400, f"the multipart/form-data body is malformed ({err})") from None
         return collector.fields, collector.files
 
     def _check_infer_image(self, scope: Scope, files: set[str], route: Route) -> None:
         """Image ids are checked on every datastore: MONAI Label reads an id that names an
         existing path as that path."""
         if "label" in files and not getattr(getattr(self.get_instance(), "_infers", {}).get(route.name), "takes_label", False):
-            raise Refused(400, f"model {route.name!r} takes no 'label' part; send the image only")
+            raise ClientError(400, f"model {route.name!r} takes no 'label' part; send the image only")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         image = (query.get("image") or [""])[0]
         if not image or "file" in files or query.get("session_id"):
             return
         from lib.datastore.label_upload import check_image_id
 
-        try:
-            check_image_id(image)
-        except ClientError as err:
-            raise Refused(err.status_code, str(err.detail)) from None
+        check_image_id(image)
         datastore = self.get_instance().datastore()
-        if type(datastore).__name__ != "PanTSDatastore":
+        if not (isinstance(datastore, PanTSStore) and datastore.local_images):
             return  # remote datastores resolve ids themselves (and may download on lookup)
         if not datastore.get_image_uri(image):
-            raise Refused(404, f"image {image!r} not found in the datastore")
+            raise ClientError(404, f"image {image!r} not found in the datastore")
 
     async def _check_json(self, scope: Scope, receive: Receive, route: Route) -> Receive:
         media = _media_type(scope)
@@ -698,7 +685,7 @@ class RequestGuard:
         spool.seek(0)
         if raw.strip() and media not in ("application/json", ""):
             spool.close()
-            raise Refused(415, f"Content-Type {media!r} is not accepted here; send application/json (a JSON object)")
+            raise ClientError(415, f"Content-Type {media!r} is not accepted here; send application/json (a JSON object)")
         try:
             body = parse_json_object(raw, "request body")
             if body is not None:
@@ -719,7 +706,7 @@ class RequestGuard:
         targets = {route.name: body} if route.name else {m: body.get(m) for m in trainers if body.get(m)}
         for model, options in targets.items():
             if not isinstance(options, dict):
-                raise Refused(400, f"request body.{model} must be a JSON object of training options")
+                raise ClientError(400, f"request body.{model} must be a JSON object of training options")
             check_train_options(trainers.get(model), options, model)
 
 
@@ -745,7 +732,7 @@ def check_train_options(trainer: Any, options: dict[str, Any], model: str) -> No
     except ValidationError as err:
         e = err.errors()[0]
         key = ".".join(str(p) for p in e["loc"])
-        raise Refused(422, f"training option {key} of model {model!r}: {e['msg']} (got {e.get('input')!r})") from None
+        raise ClientError(422, f"training option {key} of model {model!r}: {e['msg']} (got {e.get('input')!r})") from None
 
 
 # ---- exception handlers ----------------------------------------------------------------------
@@ -800,6 +787,9 @@ def install(fastapi_app: Any, max_upload_bytes: int, get_instance: Callable[[], 
                    infer_workers=infer_workers, infer_queue=infer_queue)
     )
     fastapi_app.exception_handlers.update(_exception_handlers())
+    from lib.server.listing import listing_route
+
+    fastapi_app.router.routes.insert(0, listing_route(get_instance))  # matched before MONAI Label's
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     fastapi_app.state.pants_guards = True
     return True
@@ -824,6 +814,5 @@ __all__ = [
     "install",
     "install_server_guards",
     "RequestGuard",
-    "Refused",
     "is_disk_full",
 ]

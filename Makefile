@@ -17,9 +17,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # --no-deps: requirements*.txt is the complete pinned set; it keeps monailabel's heavy optional
 # extras (CUDA torch, sam2, mlflow, openslide) out. Re-runs only when a requirements file changes.
-$(VENV)/.installed: requirements.txt requirements-test.txt
+# The app itself is installed in place (pip install -e): `lib`, `pants_tools` and the `pants-label`
+# command then work from the venv's Python without activating it or touching sys.path.
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,6 +32,7 @@ setup-gpu:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	grep -v '^torch==' requirements.txt | $(PY) -m pip install --no-deps -r /dev/stdin -r requirements-test.txt
 	$(PY) -m pip install "$$(grep '^torch==' requirements.txt)"
+	$(PY) -m pip install --no-deps -e .
 	touch $(VENV)/.installed
 
 demo: setup

@@ -40,19 +40,18 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import numpy as np
+import torch
+import torch.distributed as dist
 
-from lib.atomic import write_bytes_atomic  # noqa: E402
-from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
-from lib.metrics import LESION_CLASS, lesion_score_from_label  # noqa: E402
-from lib.model_store import model_path, write_json_atomic  # noqa: E402
-from lib.segmenter import Segmenter, prepare, upsample_argmax  # noqa: E402
-from lib.settings import load_segmentation_config  # noqa: E402
-from lib.volume_io import load_volume, write_label  # noqa: E402
+from lib.core.atomic import write_bytes_atomic
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.model.metrics import LESION_CLASS, lesion_score_from_label
+from lib.model.model_store import model_path, write_json_atomic
+from lib.model.segmenter import Segmenter, prepare, upsample_argmax
+from lib.core.settings import load_segmentation_config
+from lib.imaging.volume_io import load_volume, write_label
 
 log = logging.getLogger("batch_infer")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -17,12 +17,9 @@ import csv
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import numpy as np
 
-    from lib.al_config import StrategyConfig
-    from lib.datastore import PanTSDatastore
-    from lib.scoring import INFO_KEY
-    from lib.strategies import make_strategies
+    from lib.core.al_config import StrategyConfig
+    from lib.datastore.pants import PanTSDatastore
+    from lib.activelearning.scoring import INFO_KEY
+    from lib.activelearning.strategies import make_strategies
 
     root = args.out / "flat"
     shutil.rmtree(args.out, ignore_errors=True)

@@ -44,7 +44,7 @@ SIZES = {"full": ((512, 512, 300), (0.8, 0.8, 1.25)), "half": ((256, 256, 150), 
 
 def make_ct(root: Path, size: str) -> str:
     """One phantom CT of the given size, in a flat folder the servers read (id = file stem)."""
-    from lib.phantom import make_case, write_case
+    from pants_tools.phantom import make_case, write_case
 
     shape, spacing = SIZES[size]
     target = root / f"ct_{size}.nii.gz"

@@ -16,8 +16,8 @@ wall and CPU minutes, and the peak RSS; ``--out`` gets ``summary.json`` and ``pe
 The phantom set is kept in ``--data`` and reused by later runs with the same geometry.
 
 Examples:
-    python scripts/bench_learning.py --out out/bench_learning
-    python scripts/bench_learning.py --out /tmp/bl --n-train 12 --n-test 4 --steps 40 --lr 2e-4
+    .venv/bin/pants-label bench-learning --out out/bench_learning
+    .venv/bin/pants-label bench-learning --out /tmp/bl --n-train 12 --n-test 4 --steps 40 --lr 2e-4
 """
 
 from __future__ import annotations
@@ -35,21 +35,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from lib.datastore import PanTSDatastore  # noqa: E402
-from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
-from lib.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
-from lib.model_store import model_path, publish, read_json, write_json_atomic  # noqa: E402
-from lib.phantom import write_pants_tree  # noqa: E402
-from lib.segmenter import Segmenter  # noqa: E402
-from lib.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
-from lib.trainers.segmentation import PanTSTrain  # noqa: E402
-from lib.volume_io import load_volume  # noqa: E402
+from lib.datastore.pants import PanTSDatastore
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice
+from lib.model.model_store import model_path, publish, read_json, write_json_atomic
+from pants_tools.phantom import write_pants_tree
+from lib.model.segmenter import Segmenter
+from lib.core.settings import SegmentationConfig, load_segmentation_config
+from lib.trainers.segmentation import PanTSTrain
+from lib.imaging.volume_io import load_volume
 
 #: large organs with their own target (issue: >= 0.90)
 LARGE_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta", "postcava")

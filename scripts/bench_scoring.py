@@ -2,7 +2,7 @@
 """Measure the active-learning scoring cost per scan on a full-size CT (512x512x300 by default).
 
 Writes (once, reused) a phantom CT of the given shape and spacing, then scores it ``--reps`` times
-with the app's scorer (``lib.scoring``, settings from ``configs/active_learning.yaml``) and the
+with the app's scorer (``lib.activelearning.scoring``, settings from ``configs/active_learning.yaml``) and the
 preset's network (random weights: the cost does not depend on them). Prints a table of the stage
 medians (load, pre, localize, uncertainty, total), the CPU time and the load average, and writes
 OUT/bench_scoring.csv.
@@ -18,12 +18,9 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lib.al_config import load_al_config
-    from lib.labelmap import load_labelmap
-    from lib.phantom import make_case, write_case
-    from lib.scoring import ScanScorer, load_for_scoring
-    from lib.segmenter import Segmenter, default_threads
-    from lib.settings import load_segmentation_config
+    from lib.core.al_config import load_al_config
+    from lib.core.labelmap import load_labelmap
+    from pants_tools.phantom import make_case, write_case
+    from lib.activelearning.scoring import ScanScorer, load_for_scoring
+    from lib.model.segmenter import Segmenter, default_threads
+    from lib.core.settings import load_segmentation_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

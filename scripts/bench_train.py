@@ -36,13 +36,13 @@ sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
 import torch  # noqa: E402
 
-from lib.datastore import PanTSDatastore  # noqa: E402
-from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
-from lib.phantom import write_pants_tree  # noqa: E402
-from lib.segmenter import build_network, default_threads  # noqa: E402
-from lib.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
+from lib.datastore.pants import PanTSDatastore  # noqa: E402
+from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
+from pants_tools.phantom import write_pants_tree  # noqa: E402
+from lib.model.segmenter import build_network, default_threads  # noqa: E402
+from lib.core.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
-from lib.training import CaseCache, CropSampler, class_weights, effective_patch  # noqa: E402
+from lib.model.training import CaseCache, CropSampler, class_weights, effective_patch  # noqa: E402
 
 
 def bare_step_times(

@@ -37,19 +37,16 @@ import csv
 import json
 import logging
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from lib import metrics as M  # noqa: E402
-from lib.labelmap import LabelMap, load_labelmap  # noqa: E402
+from lib.model import metrics as M
+from lib.core.labelmap import LabelMap, load_labelmap
 
 log = logging.getLogger("evaluate")
 
@@ -257,7 +254,7 @@ def load_metadata(path: Path | None) -> dict[str, Any]:
     """``{case: CaseMeta}`` from a table, or a folder holding ``metadata.xlsx`` / ``.csv``."""
     if path is None:
         return {}
-    from lib.metadata import find_metadata, read_metadata  # lazy: only needed with --metadata
+    from lib.imaging.metadata import find_metadata, read_metadata  # lazy: only needed with --metadata
 
     if path.is_dir():
         found = find_metadata(path)
@@ -484,7 +481,7 @@ def detection_table(
 
 
 def _group_key(v: Any) -> str:
-    """Group name of a metadata value, as :func:`lib.metrics.summarize` forms it."""
+    """Group name of a metadata value, as :func:`lib.model.metrics.summarize` forms it."""
     return "unknown" if v in (None, "") else str(v)
 
 

@@ -25,11 +25,9 @@ import logging
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
-from lib.config_errors import ConfigError  # noqa: E402
-from lib.datastore import FINAL_TAG, IMPORTED_TAG, PanTSDatastore, export_labels  # noqa: E402
+from lib.core.config_errors import ConfigError
+from lib.datastore.pants import FINAL_TAG, IMPORTED_TAG, PanTSDatastore, export_labels
 
 
 def build_parser() -> argparse.ArgumentParser:

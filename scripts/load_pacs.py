@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "pants_label"))
 
-from lib.dicomweb import make_client  # noqa: E402
-from lib.pacs_load import find_cases, load_cases  # noqa: E402
+from lib.datastore.dicomweb import make_client
+from pants_tools.pacs_load import find_cases, load_cases
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "pants_label"
-sys.path.insert(0, str(APP_DIR))
 
 BUSY = {429, 503}
 
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     studies = args.studies
     if studies is None:
-        from lib.phantom import write_pants_tree
+        from pants_tools.phantom import write_pants_tree
 
         studies = out / "data"
         if not (studies / "ImageTr").is_dir():

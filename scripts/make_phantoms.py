@@ -20,10 +20,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "pants_label"))
 
-from lib.metadata import read_metadata  # noqa: E402
-from lib.phantom import write_pants_tree  # noqa: E402
+from lib.imaging.metadata import read_metadata
+from pants_tools.phantom import write_pants_tree
 
 
 def _positive_int(text: str) -> int:

@@ -3,8 +3,8 @@
 
 Replays annotation campaigns on any labelled pool in the PanTS layout (a real PanTS root or
 phantoms; ImageTr = the pool whose labels are hidden until "annotated", ImageTe = the held-out
-test split) with the app's own training (PanTSTrain), scoring (lib.scoring) and strategies
-(lib.strategies). Per strategy and seed: k seed scans, then rounds of train -> evaluate -> score
+test split) with the app's own training (PanTSTrain), scoring (lib.activelearning.scoring) and strategies
+(lib.activelearning.strategies). Per strategy and seed: k seed scans, then rounds of train -> evaluate -> score
 -> select b -> reveal. A "full" run per seed has every pool label from round 0 and the same
 rounds of training; its last round is the reference for "95% of full-pool DSC".
 
@@ -25,13 +25,10 @@ import argparse
 import csv
 import math
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "apps" / "pants_label"))
 
 STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
 
@@ -66,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _specs(args: argparse.Namespace) -> list:
-    from lib.al_campaign import CampaignSpec
-    from lib.al_config import load_al_config
-    from lib.settings import load_segmentation_config
+    from pants_tools.al_campaign import CampaignSpec
+    from lib.core.al_config import load_al_config
+    from lib.core.settings import load_segmentation_config
 
     al = load_al_config()
     # Phantoms are small: localize at the model's own spacing (exact, and cheap at this size).
@@ -103,13 +100,13 @@ def _run_one(spec, threads: int) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(threads)
-    from lib.al_campaign import run_campaign
+    from pants_tools.al_campaign import run_campaign
 
     return len(run_campaign(spec))
 
 
 def _count_rows(specs: list) -> int:
-    from lib.al_campaign import read_rows
+    from pants_tools.al_campaign import read_rows
 
     return sum(len(read_rows(s.folder / "rounds.csv")) for s in specs)
 
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.pool / "ImageTr").is_dir():
         if not args.make_phantoms:
             raise SystemExit(f"--pool {args.pool}: no ImageTr/ there; pass --make-phantoms N to create phantoms")
-        from lib.phantom import write_pants_tree
+        from pants_tools.phantom import write_pants_tree
 
         write_pants_tree(args.pool, args.make_phantoms, shape=args.shape, spacing=args.spacing,
                          seed=args.phantom_seed, n_test=args.n_test, progress=True)
@@ -146,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs <= 1:  # in this process: the bar moves per round
         import torch
 
-        from lib.al_campaign import run_campaign
+        from pants_tools.al_campaign import run_campaign
 
         torch.set_num_threads(threads)
         for s in specs:
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.n = _count_rows(specs)
     bar.close()
 
-    from lib.al_campaign import FIELDS, plot_curves, read_rows, summarize
+    from pants_tools.al_campaign import FIELDS, plot_curves, read_rows, summarize
 
     rows = [r for s in specs for r in read_rows(s.folder / "rounds.csv")]
     with open(args.out / "al_rounds.csv", "w", newline="") as fh:

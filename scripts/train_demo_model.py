@@ -13,8 +13,8 @@ CPU time, seed 0, 2-core box (torch 2.13, 2 threads): about 55 min of training (
 benchmark" has the measured figure). Extra arguments go to bench_learning.py and override these.
 
 Examples:
-    python scripts/train_demo_model.py
-    python scripts/train_demo_model.py --steps 200 --save-model /tmp/demo_model
+    .venv/bin/pants-label train-demo-model
+    .venv/bin/pants-label train-demo-model --steps 200 --save-model /tmp/demo_model
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))  # bench_learning.py lives beside this script
 
 import bench_learning  # noqa: E402
 

@@ -23,9 +23,9 @@ import pytest
 import requests
 import urllib3
 
-from lib.access import login_client
-from lib.guards import host_given
-from lib.phantom import write_pants_tree
+from pants_tools.access import login_client
+from lib.server.guards import host_given
+from pants_tools.phantom import write_pants_tree
 from server import APP_DIR, REPO, free_port, stop_process
 
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)

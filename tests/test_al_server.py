@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.labelmap import load_labelmap
-from lib.model_store import model_path, publish
-from lib.phantom import write_pants_tree
-from lib.scoring import INFO_KEY, model_version
-from lib.segmenter import build_network
-from lib.settings import load_segmentation_config
+from lib.core.labelmap import load_labelmap
+from lib.model.model_store import model_path, publish
+from pants_tools.phantom import write_pants_tree
+from lib.activelearning.scoring import INFO_KEY, model_version
+from lib.model.segmenter import build_network
+from lib.core.settings import load_segmentation_config
 from server import Server
 
 pytestmark = pytest.mark.server

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from lib.phantom import write_pants_tree
+from pants_tools.phantom import write_pants_tree
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -190,8 +190,8 @@ def test_infers_past_the_queue_get_a_busy_answer_and_the_rest_are_served(server:
 
 @pytest.mark.parametrize("key, value", [("infer_workers", "0"), ("infer_queue", "-1"), ("max_upload_mb", "0")])
 def test_limit_settings_are_validated_at_start(key: str, value: str) -> None:
-    from lib.config_errors import ConfigError
-    from lib.settings import AppSettings
+    from lib.core.config_errors import ConfigError
+    from lib.core.settings import AppSettings
 
     with pytest.raises(ConfigError, match=f"--conf {key}"):
         AppSettings.from_conf({key: value})

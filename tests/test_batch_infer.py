@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from lib.labelmap import load_labelmap
-from lib.model_store import publish
-from lib.phantom import write_pants_tree
-from lib.segmenter import Segmenter, build_network
-from lib.settings import load_segmentation_config
-from lib.volume_io import load_volume
+from lib.core.labelmap import load_labelmap
+from lib.model.model_store import publish
+from pants_tools.phantom import write_pants_tree
+from lib.model.segmenter import Segmenter, build_network
+from lib.core.settings import load_segmentation_config
+from lib.imaging.volume_io import load_volume
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "batch_infer.py"

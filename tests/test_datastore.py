@@ -15,12 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.config_errors import ConfigError
-from lib.datastore import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
-from lib.label_upload import DatastoreError
-from lib.labelmap import load_labelmap
-from lib.metadata import read_metadata
-from lib.phantom import write_pants_tree
+from lib.core.config_errors import ConfigError
+from lib.datastore.pants import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
+from lib.datastore.label_upload import DatastoreError
+from lib.core.labelmap import load_labelmap
+from lib.imaging.metadata import read_metadata
+from pants_tools.phantom import write_pants_tree
 
 LM = load_labelmap()
 SHAPE = (32, 32, 24)
@@ -472,6 +472,35 @@ def test_json_listing_shape(root: Path, tmp_path: Path) -> None:
     assert obj["image"]["ext"] == ".nii.gz" and obj["image"]["info"]["name"] == f"{TRAIN[2]}.nii.gz"
     assert set(obj["labels"]) == {"final", IMPORTED_TAG}
     assert obj["labels"]["final"]["info"]["version"] == 1
+
+
+def test_cached_listing_follows_every_change(root: Path, tmp_path: Path) -> None:
+    ds = PanTSDatastore(root)
+    first = ds.json_bytes()
+    assert json.loads(first) == json.loads(json.dumps(ds.json()))
+    assert ds.json_bytes() is first  # nothing changed: the cached body itself
+    path, label_info, _ = slicer_upload(root, tmp_path, TRAIN[2])
+    ds.save_label(TRAIN[2], str(path), "final", {"label_info": label_info})
+    after_save = json.loads(ds.json_bytes())
+    assert after_save["objects"][TRAIN[2]]["labels"]["final"]["info"]["version"] == 1
+    ds.update_image_info(TRAIN[0], {"epistemic_entropy": 0.25})
+    assert json.loads(ds.json_bytes())["objects"][TRAIN[0]]["image"]["info"]["epistemic_entropy"] == 0.25
+    ds.set_name("renamed")
+    assert json.loads(ds.json_bytes())["name"] == "renamed"
+    # a save by another process (training, a second server) reaches this one's cache too
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_save_elsewhere, args=(root, str(path), label_info))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert json.loads(ds.json_bytes())["objects"][TRAIN[1]]["labels"]["final"]["info"]["version"] == 1
+    assert json.loads(ds.json_bytes()) == json.loads(json.dumps(ds.json()))
+
+
+def _save_elsewhere(root: Path, path: str, label_info: list[dict]) -> None:
+    other = PanTSDatastore(root)
+    other.save_label(TRAIN[1], path, "final", {"label_info": label_info})
+    other.close()
 
 
 def test_add_and_remove_image_never_touch_dataset(root: Path, tmp_path: Path) -> None:

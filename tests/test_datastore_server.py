@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.datastore import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
-from lib.labelmap import load_labelmap
-from lib.phantom import write_pants_tree
+from lib.datastore.pants import IMPORTED_TAG, STATE_DIRNAME, PanTSDatastore
+from lib.core.labelmap import load_labelmap
+from pants_tools.phantom import write_pants_tree
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -179,6 +179,20 @@ def _bad_uploads(root: Path, tmp: Path) -> list[tuple[str, str, Path, dict, str]
         ("../ id", "../" + TRAIN[2], nifti("id.nii.gz", good), {}, "not a valid image id"),
         ("unknown image", "PanTS_99999999", nifti("unknown.nii.gz", good), {}, "not found"),
     ]
+
+
+def test_listing_never_stale_after_a_save(served, client, tmp_path: Path) -> None:
+    server, root, _ = served
+    url = f"{server.url}/datastore/?output=all"
+    before = http_json(url)
+    assert http_json(url) == before  # served twice from the cache
+    image_id = TRAIN[2]
+    path, label_info, _ = slicer_label(root, tmp_path, image_id, seed=7)
+    client.save_label(image_id, str(path), tag="final", params={"label_info": label_info})
+    after = http_json(url)
+    old = before["objects"][image_id]["labels"].get("final", {}).get("info", {}).get("version", 0)
+    assert after["objects"][image_id]["labels"]["final"]["info"]["version"] == old + 1
+    assert http_json(f"{server.url}/datastore/?output=stats")["total"] == len(after["objects"])  # other outputs as before
 
 
 def test_bad_upload_battery_refused_cleanly(served, client, tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.labelmap import load_labelmap
-from lib.metrics import mean_dice
-from lib.model_store import read_meta
-from lib.phantom import make_case, write_pants_tree
+from lib.core.labelmap import load_labelmap
+from lib.model.metrics import mean_dice
+from lib.model.model_store import read_meta
+from pants_tools.phantom import make_case, write_pants_tree
 from server import APP_DIR, Server
 
 pytestmark = pytest.mark.server

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.dicom_seg import dicom_lab_to_rgb, label_to_seg, load_seg_coding, rgb_to_dicom_lab, seg_to_label
-from lib.dicom_series import CTStudy, ct_series, read_volume, series_geometry, stable_uid
-from lib.labelmap import load_labelmap
-from lib.phantom import make_case
+from lib.imaging.dicom_seg import dicom_lab_to_rgb, label_to_seg, load_seg_coding, rgb_to_dicom_lab, seg_to_label
+from lib.imaging.dicom_series import CTStudy, ct_series, read_volume, series_geometry, stable_uid
+from lib.core.labelmap import load_labelmap
+from pants_tools.phantom import make_case
 
 LM = load_labelmap()
 

@@ -21,12 +21,12 @@ import pytest
 from nibabel import orientations as nio
 from pydicom.dataset import Dataset
 
-from lib.dicom_seg import dicom_lab_to_rgb, load_seg_coding, seg_to_label
-from lib.dicom_series import read_volume, series_geometry, stable_uid
-from lib.dicomweb import make_client
-from lib.labelmap import load_labelmap
-from lib.metadata import read_metadata
-from lib.phantom import write_pants_tree
+from lib.imaging.dicom_seg import dicom_lab_to_rgb, load_seg_coding, seg_to_label
+from lib.imaging.dicom_series import read_volume, series_geometry, stable_uid
+from lib.datastore.dicomweb import make_client
+from lib.core.labelmap import load_labelmap
+from lib.imaging.metadata import read_metadata
+from pants_tools.phantom import write_pants_tree
 from orthanc import Orthanc, require_orthanc
 from server import REPO, Server
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.labelmap import load_labelmap
+from lib.core.labelmap import load_labelmap
 
 REPO = Path(__file__).resolve().parents[1]
 LM = load_labelmap()

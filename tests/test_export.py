@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.datastore import IMPORTED_TAG, PanTSDatastore, export_labels
-from lib.labelmap import load_labelmap
-from lib.phantom import make_case, write_case, write_pants_tree
+from lib.datastore.pants import IMPORTED_TAG, PanTSDatastore, export_labels
+from lib.core.labelmap import load_labelmap
+from pants_tools.phantom import make_case, write_case, write_pants_tree
 
 REPO = Path(__file__).resolve().parents[1]
 LM = load_labelmap()

@@ -25,13 +25,13 @@ import psutil
 import pytest
 import requests
 
-from lib.atomic import TMP_NAME
-from lib.atomic import tmp_path as atomic_tmp_path
-from lib.labelmap import load_labelmap
-from lib.model_store import model_path, publish
-from lib.phantom import write_pants_tree
-from lib.segmenter import build_network
-from lib.settings import load_segmentation_config
+from lib.core.atomic import TMP_NAME
+from lib.core.atomic import tmp_path as atomic_tmp_path
+from lib.core.labelmap import load_labelmap
+from lib.model.model_store import model_path, publish
+from pants_tools.phantom import write_pants_tree
+from lib.model.segmenter import build_network
+from lib.core.settings import load_segmentation_config
 from server import Server
 
 pytestmark = pytest.mark.server

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lib.metadata import CANONICAL_COLUMNS, CaseMeta, find_metadata, normalize_phase, read_metadata, write_metadata
+from lib.imaging.metadata import CANONICAL_COLUMNS, CaseMeta, find_metadata, normalize_phase, read_metadata, write_metadata
 
 ROWS = [
     CaseMeta(case_id="PanTS_00000001", center="center_a", contrast_phase="venous", age=61.0, sex="M",

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lib.labelmap import load_labelmap
-from lib.metrics import (
+from lib.core.labelmap import load_labelmap
+from lib.model.metrics import (
     as_label_map,
     auc_score,
     detection_metrics,
@@ -83,7 +83,7 @@ def test_nsd_segments_spacing_scales_distance() -> None:
 def test_fast_paths_match_scipy_reference() -> None:
     from scipy import ndimage
 
-    from lib.metrics import _surface
+    from lib.model.metrics import _surface
 
     rng = np.random.default_rng(0)
     a = ndimage.binary_opening(rng.random((14, 12, 9)) > 0.4)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from lib.dicom_series import stable_uid
-from lib.labelmap import load_labelmap
-from lib.phantom import write_pants_tree
+from lib.imaging.dicom_series import stable_uid
+from lib.core.labelmap import load_labelmap
+from pants_tools.phantom import write_pants_tree
 from orthanc import Orthanc, require_orthanc
 from server import REPO, Server, free_port
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lib.labelmap import load_labelmap
-from lib.metadata import read_metadata
-from lib.phantom import (
+from lib.core.labelmap import load_labelmap
+from lib.imaging.metadata import read_metadata
+from pants_tools.phantom import (
     DEFAULT_CENTERS,
     LESION_PREVALENCE,
     Center,

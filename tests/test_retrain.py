@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.datastore import PanTSDatastore
-from lib.phantom import write_pants_tree
-from lib.retrain import RetrainScheduler, new_final_labels
+from lib.datastore.pants import PanTSDatastore
+from pants_tools.phantom import write_pants_tree
+from lib.activelearning.retrain import RetrainScheduler, new_final_labels
 
 SHAPE = (12, 12, 8)
 

@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.labelmap import load_labelmap
-from lib.phantom import write_pants_tree
+from lib.core.labelmap import load_labelmap
+from pants_tools.phantom import write_pants_tree
 from server import Server
 
 pytestmark = pytest.mark.server

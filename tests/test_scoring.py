@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.al_config import ActiveLearningConfig, ScoringConfig, load_al_config
-from lib.config_errors import ConfigError
-from lib.datastore import PanTSDatastore
-from lib.labelmap import load_labelmap
-from lib.model_store import model_path, publish
-from lib.phantom import write_pants_tree
-from lib.scoring import INFO_KEY, ModelWatcher, PanTSScoring, ScanScorer, model_version, run_scoring
-from lib.segmenter import Segmenter, build_network
-from lib.settings import load_segmentation_config
+from lib.core.al_config import ActiveLearningConfig, ScoringConfig, load_al_config
+from lib.core.config_errors import ConfigError
+from lib.datastore.pants import PanTSDatastore
+from lib.core.labelmap import load_labelmap
+from lib.model.model_store import model_path, publish
+from pants_tools.phantom import write_pants_tree
+from lib.activelearning.scoring import INFO_KEY, ModelWatcher, PanTSScoring, ScanScorer, model_version, run_scoring
+from lib.model.segmenter import Segmenter, build_network
+from lib.core.settings import load_segmentation_config
 
 LM = load_labelmap()
 CFG = load_segmentation_config()
@@ -60,7 +60,7 @@ def test_scores_a_scan_within_bounds(pool: Path, tmp_path: Path) -> None:
     mp = model_path(tmp_path, "fast")
     _publish(mp, 0)
     seg = Segmenter(CFG, LM, "fast", mp)
-    from lib.volume_io import load_volume
+    from lib.imaging.volume_io import load_volume
 
     s = ScanScorer(seg, AL.scoring).score_volume(load_volume(pool / "ImageTr" / "PanTS_00000001" / "ct.nii.gz"))
     assert 0.0 <= s.uncertainty <= 1.0 and 0.0 <= s.lesion_prob <= 1.0
@@ -74,7 +74,7 @@ def test_coarse_grid_from_stored_integers_matches_normalise_then_area() -> None:
     """The subsample-first preprocessing keeps the meaning: HU window, then area averaging."""
     import numpy as np
 
-    from lib.segmenter import normalize_hu, resample_image
+    from lib.model.segmenter import normalize_hu, resample_image
 
     seg = Segmenter(CFG, LM, "fast", Path("/nonexistent.pt"))
     scorer = ScanScorer(seg, AL.scoring)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.labelmap import load_labelmap
-from lib.segmenter import Segmenter, normalize_hu, target_shape, upsample_argmax
-from lib.settings import load_segmentation_config
-from lib.training import crop, effective_patch, split_train_val
-from lib.volume_io import Volume, canonical_spacing, load_volume, reorientation, write_label
+from lib.core.labelmap import load_labelmap
+from lib.model.segmenter import Segmenter, normalize_hu, target_shape, upsample_argmax
+from lib.core.settings import load_segmentation_config
+from lib.model.training import crop, effective_patch, split_train_val
+from lib.imaging.volume_io import Volume, canonical_spacing, load_volume, reorientation, write_label
 from server import APP_DIR
 
 CFG = load_segmentation_config()
@@ -122,8 +122,8 @@ def test_unreadable_image_is_a_clear_error(tmp_path) -> None:
 
 
 def test_model_for_another_label_map_is_refused(tmp_path) -> None:
-    from lib.model_store import publish
-    from lib.segmenter import build_network
+    from lib.model.model_store import publish
+    from lib.model.segmenter import build_network
 
     net = build_network(CFG, LM.num_classes)
     publish(net.state_dict(), {"labels": ["a"] * 28}, tmp_path / "m.pt")
@@ -132,8 +132,8 @@ def test_model_for_another_label_map_is_refused(tmp_path) -> None:
 
 
 def test_model_for_another_input_map_is_refused(tmp_path) -> None:
-    from lib.model_store import publish
-    from lib.segmenter import build_network
+    from lib.model.model_store import publish
+    from lib.model.segmenter import build_network
 
     net = build_network(CFG, LM.num_classes)
     linear = CFG.preprocessing.model_copy(update={"soft_tissue_hu": None}).model_dump(mode="json")
@@ -171,7 +171,7 @@ def test_crop_pads_outside_the_volume() -> None:
 @pytest.mark.parametrize("sparse_below", [0.0, 1.1])
 def test_dense_and_voxelwise_paths_agree_with_trilinear_under_crop_and_flips(sparse_below) -> None:
     """Both interpolation paths, on a crop of the logits, with flipped and permuted output axes."""
-    from lib.segmenter import AxisMap, labels_from_logits
+    from lib.model.segmenter import AxisMap, labels_from_logits
 
     torch.manual_seed(3)
     full = torch.randn(1, 4, 9, 8, 10)
@@ -199,7 +199,7 @@ def test_body_crop_keeps_the_body_and_leaves_air_background(tmp_path) -> None:
     over the whole window, which no longer holds the air around the body). With the committed
     demo model on an adult-size phantom, nearly every body voxel keeps its label.
     """
-    from lib.phantom import make_case
+    from pants_tools.phantom import make_case
 
     demo = APP_DIR / "demo_model" / "segresnet_fast.pt"
     ph = make_case(0, shape=(112, 112, 80), spacing=(3.3, 3.3, 5.0), seed=3)

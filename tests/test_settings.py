@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lib.config_errors import ConfigError
-from lib.settings import AppSettings, SegmentationConfig, load_segmentation_config
-from lib.config_errors import validate_model
+from lib.core.config_errors import ConfigError
+from lib.core.settings import AppSettings, SegmentationConfig, load_segmentation_config
+from lib.core.config_errors import validate_model
 
 
 def test_presets_file_is_valid_and_has_both_presets() -> None:

@@ -55,7 +55,7 @@ def test_bad_patch_is_refused_before_any_work(tmp_path: Path) -> None:
 
 
 def test_full_pool_reference_is_each_seeds_last_round() -> None:
-    from lib.al_campaign import full_pool_reference
+    from pants_tools.al_campaign import full_pool_reference
 
     rows = [{"strategy": "full", "seed": str(seed), "round": str(rnd), "mean_dsc": str(v)}
             for seed, rnd, v in [(0, 0, 0.1), (0, 1, 0.5), (1, 1, 0.7), (1, 0, 0.2)]]

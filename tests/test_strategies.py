@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.al_config import StrategyConfig
-from lib.datastore import PanTSDatastore
-from lib.phantom import write_pants_tree
-from lib.scoring import INFO_KEY
-from lib.strategies import (
+from lib.core.al_config import StrategyConfig
+from lib.datastore.pants import PanTSDatastore
+from pants_tools.phantom import write_pants_tree
+from lib.activelearning.scoring import INFO_KEY
+from lib.activelearning.strategies import (
     ForegroundRandom,
     HybridStrategy,
     RandomUnlabeled,

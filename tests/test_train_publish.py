@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from lib.atomic import TMP_NAME
-from lib.datastore import PanTSDatastore
-from lib.labelmap import load_labelmap
-from lib.model_store import publish
-from lib.phantom import write_pants_tree
-from lib.segmenter import Segmenter, build_network
-from lib.settings import NetworkConfig, load_segmentation_config
+from lib.core.atomic import TMP_NAME
+from lib.datastore.pants import PanTSDatastore
+from lib.core.labelmap import load_labelmap
+from lib.model.model_store import publish
+from pants_tools.phantom import write_pants_tree
+from lib.model.segmenter import Segmenter, build_network
+from lib.core.settings import NetworkConfig, load_segmentation_config
 from lib.trainers.segmentation import PanTSTrain
-from lib.volume_io import load_volume
+from lib.imaging.volume_io import load_volume
 
 LM = load_labelmap()
 # A narrow network and 24x24x16 voxels at the fast preset's 3 mm keep each step well under a second.

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from lib.settings import CpuTraining, TrainingConfig
-from lib.training import CachedCase, CropSampler, PrefetchSampler, crop, dice_ce_loss
+from lib.core.settings import CpuTraining, TrainingConfig
+from lib.model.training import CachedCase, CropSampler, PrefetchSampler, crop, dice_ce_loss
 
 PATCH = (16, 24, 16)
 

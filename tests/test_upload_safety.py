@@ -1,7 +1,7 @@
 """Client files cannot be turned against the server (real server, PanTS root, 64x64x32 scans).
 
 Every file a client sends (label saves, image uploads, infer uploads) is decoded header-first by
-``lib.volume_decode``: detached NRRD headers, skips, oversize claims and decompression bombs are
+``lib.imaging.volume_decode``: detached NRRD headers, skips, oversize claims and decompression bombs are
 refused with a 4xx naming the problem; the stored labels, the listing and the index stay as they
 were; and a refused upload raises the server's peak RSS (``VmHWM``, reset before each request
 through ``/proc/<pid>/clear_refs``) by at most 64 MB plus the size of a valid label.
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import requests
 
-from lib.datastore import STATE_DIRNAME
-from lib.phantom import write_pants_tree
+from lib.datastore.pants import STATE_DIRNAME
+from pants_tools.phantom import write_pants_tree
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -281,8 +281,8 @@ def test_attached_nrrd_and_seg_nrrd_labels_are_still_accepted(served) -> None:
 
 def test_decoder_never_inflates_past_the_header(tmp_path: Path) -> None:
     """Unit level: a bomb behind a small header is stopped after the header's size plus one byte."""
-    from lib.errors import ClientError
-    from lib.volume_decode import read_data, read_header
+    from lib.core.errors import ClientError
+    from lib.imaging.volume_decode import read_data, read_header
 
     path = tmp_path / "bomb.nrrd"
     path.write_bytes(nrrd_file(attached_header(np.eye(4), shape=(8, 8, 8), encoding="gzip"), gzip_zeros(10 << 20)))

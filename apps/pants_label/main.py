@@ -24,15 +24,16 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
-from lib.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
+from lib.core.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
-from lib.labelmap import load_labelmap  # noqa: E402
-from lib.model_store import model_path  # noqa: E402
-from lib.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
-from lib.segmenter import Segmenter, default_threads  # noqa: E402
-from lib.settings import AppSettings, load_segmentation_config  # noqa: E402
-from lib.scoring import STATUS_NAME, ModelWatcher, PanTSScoring, StatusFile  # noqa: E402
-from lib.strategies import make_strategies  # noqa: E402
+from lib.core.labelmap import load_labelmap  # noqa: E402
+from lib.datastore.protocol import ScoredStore  # noqa: E402
+from lib.model.model_store import model_path  # noqa: E402
+from lib.activelearning.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
+from lib.model.segmenter import Segmenter, default_threads  # noqa: E402
+from lib.core.settings import AppSettings, load_segmentation_config  # noqa: E402
+from lib.activelearning.scoring import STATUS_NAME, ModelWatcher, PanTSScoring, StatusFile  # noqa: E402
+from lib.activelearning.strategies import make_strategies  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class PanTSLabelApp(MONAILabelApp):
             # in-process (MONAI Label's own path would download a converter at start).
             from monailabel.config import settings as ml_settings
 
-            from lib.dicomweb import DICOMwebDatastore, make_client
+            from lib.datastore.dicomweb import DICOMwebDatastore, make_client
 
             url = self.studies.rstrip("/")
             client = make_client(url, ml_settings.MONAI_LABEL_DICOMWEB_USERNAME, ml_settings.MONAI_LABEL_DICOMWEB_PASSWORD)
@@ -88,7 +89,7 @@ class PanTSLabelApp(MONAILabelApp):
             )
         # A PanTS root (ImageTr/...) or a flat NIfTI folder, read in place; the index, stored
         # labels and caches go to <studies>/.pants_label or to --conf datastore_dir (read-only data).
-        from lib.datastore import PanTSDatastore
+        from lib.datastore.pants import PanTSDatastore
 
         return PanTSDatastore(
             self.studies,
@@ -126,8 +127,8 @@ class PanTSLabelApp(MONAILabelApp):
         # Server process only (training/scoring subprocesses never get here), before uvicorn
         # binds: crash leftovers, loopback bind, request guards; then background scoring on each
         # new model, and the auto-retrain scheduler.
-        from lib.guards import install_server_guards
-        from lib.recovery import recover
+        from lib.server.guards import install_server_guards
+        from lib.datastore.recovery import recover
 
         recover(self.datastore(), self.model_dir)
         s = self.settings
@@ -144,7 +145,7 @@ class PanTSLabelApp(MONAILabelApp):
 
     def _start_scoring(self, version: str | None) -> bool:
         """Background scoring (a MONAI Label scoring task); False if one is already running."""
-        if not hasattr(self.datastore(), "scoring_todo"):
+        if not isinstance(self.datastore(), ScoredStore):
             return True  # this datastore keeps no scores (DICOMweb): nothing to do
         if version is None and not self.al_config.scoring.score_untrained:
             return True  # nothing to score with yet; act again when a model appears
@@ -165,7 +166,7 @@ class PanTSLabelApp(MONAILabelApp):
         """
         image = request.get("image")
         if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
-            from lib.volume_decode import check_client_image
+            from lib.imaging.volume_decode import check_client_image
 
             check_client_image(image, "uploaded image")
         return super().infer(request, datastore)
@@ -202,7 +203,7 @@ class PanTSLabelApp(MONAILabelApp):
             return {"path": str(path), "trained": False, "note": "no trained model: predictions are random"}
         cached = getattr(self, "_card_cache", None)
         if cached is None or cached[0] != stamp:
-            from lib.model_store import read_meta
+            from lib.model.model_store import read_meta
 
             meta = read_meta(path) or {}
             keep = ("preset", "summary", "val_metric", "train_size", "published_ts", "phantom_model", "note",
@@ -213,12 +214,11 @@ class PanTSLabelApp(MONAILabelApp):
 
     def _al_status(self) -> dict[str, Any]:
         ds = self.datastore()
-        state_dir = getattr(ds, "state_dir", None)
-        if state_dir is None or not hasattr(ds, "active_leases"):  # DICOMweb: no scores/leases yet
+        if not isinstance(ds, ScoredStore):  # DICOMweb: no scores/leases yet
             return {}
         return {
-            "scoring": StatusFile(Path(state_dir) / STATUS_NAME).read(),
-            "scored": ds.index.count_scores(),
+            "scoring": StatusFile(Path(ds.state_dir) / STATUS_NAME).read(),
+            "scored": ds.count_scores(),
             "leases": len(ds.active_leases()),
             "lease_minutes": self.al_config.strategies.lease_minutes,
         }

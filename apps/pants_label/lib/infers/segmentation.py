@@ -8,24 +8,14 @@ import tempfile
 import time
 from typing import Any
 
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.labelmap import LabelMap
-from lib.segmenter import Segmenter
-from lib.volume_io import load_volume, result_suffix, write_label
+from lib.core.errors import bad_request, unprocessable
+from lib.core.labelmap import LabelMap
+from lib.model.segmenter import Segmenter
+from lib.imaging.volume_io import load_volume, result_suffix, write_label
 
 logger = logging.getLogger(__name__)
-
-
-class InferError(HTTPException):
-    """A request the task cannot serve (bad image, bad parameter): the client gets a 4xx saying why."""
-
-    def __init__(self, detail: str, status_code: int = 400) -> None:
-        super().__init__(status_code=status_code, detail=detail)
-
-    def __str__(self) -> str:
-        return f"{self.status_code}: {self.detail}"
 
 
 class PanTSSegmentation(InferTask):
@@ -70,20 +60,20 @@ class PanTSSegmentation(InferTask):
         t0 = time.perf_counter()
         image = request.get("image")
         if not isinstance(image, str) or not image:
-            raise InferError("image: a datastore image id or a file is required")
+            raise bad_request("image: a datastore image id or a file is required")
         try:
             suffix = result_suffix(request.get("result_extension"))
         except ValueError as err:
-            raise InferError(str(err)) from None
+            raise bad_request(str(err)) from None
         dtype = str(request.get("result_dtype", "uint8"))
         if dtype != "uint8":
-            raise InferError(f"result_dtype: only 'uint8' is produced (28 classes fit), got {dtype!r}")
+            raise bad_request(f"result_dtype: only 'uint8' is produced (28 classes fit), got {dtype!r}")
 
         t = time.perf_counter()
         try:
             vol = load_volume(image)
         except (ValueError, FileNotFoundError) as err:
-            raise InferError(str(err), 422) from None
+            raise unprocessable(str(err)) from None
         latencies = {"load": round(time.perf_counter() - t, 3)}
 
         label, stage = self.segmenter.segment(vol)

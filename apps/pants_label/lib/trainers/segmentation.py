@@ -29,13 +29,13 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import BaseModel, ConfigDict, Field
 
-from lib.config_errors import validate_model
-from lib.labelmap import LabelMap
-from lib.metrics import mean_dice
-from lib.model_store import model_path, publish, read_json, write_json_atomic
-from lib.segmenter import Segmenter, build_network
-from lib.settings import SegmentationConfig
-from lib.training import (
+from lib.core.config_errors import validate_model
+from lib.core.labelmap import LabelMap
+from lib.model.metrics import mean_dice
+from lib.model.model_store import model_path, publish, read_json, write_json_atomic
+from lib.model.segmenter import Segmenter, build_network
+from lib.core.settings import SegmentationConfig
+from lib.model.training import (
     CachedCase,
     CaseCache,
     CropSampler,

@@ -1,0 +1,292 @@
+"""Replay an annotation campaign on a labelled pool with the app's own train, scoring and strategies.
+
+One campaign = one (strategy, seed): start from ``k`` random seed scans, then rounds of
+train (:class:`lib.trainers.segmentation.PanTSTrain`) -> evaluate on the held-out test split ->
+score the unlabelled pool (:func:`lib.activelearning.scoring.run_scoring`) -> select ``b`` scans with the
+strategy (:mod:`lib.activelearning.strategies`, through leases as the server does) -> reveal their labels
+(:meth:`PanTSDatastore.reveal_imported_many`, the "annotation").
+
+Each campaign lives in its own folder (datastore state, model, ``rounds.csv``). A finished round
+is a CSV row; an interrupted campaign resumes after its last finished round (the revealed set is
+rebuilt from the rows; the round in progress is redone from the model published so far).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lib.core.al_config import ActiveLearningConfig
+from lib.datastore.pants import PanTSDatastore
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.model.metrics import auc_score, lesion_score_from_label, mean_dice
+from lib.model.model_store import model_path
+from lib.activelearning.scoring import PanTSScoring, run_scoring
+from lib.model.segmenter import Segmenter
+from lib.core.settings import SegmentationConfig
+from lib.activelearning.strategies import make_strategies
+from lib.trainers.segmentation import PanTSTrain
+from lib.imaging.volume_io import load_volume
+
+logger = logging.getLogger(__name__)
+
+LESION = "pancreatic_lesion"
+FIELDS = [
+    "strategy", "seed", "round", "labels", "mean_dsc", "whole_pancreas_dsc", "lesion_dsc", "lesion_auc",
+    "lesion_scans_labelled", "published", "train_s", "score_s", "select_s", "selected",
+]
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    pool: Path
+    out: Path
+    strategy: str  # a name from lib.activelearning.strategies.make_strategies, or "full" (every pool label from round 0)
+    seed: int
+    initial: int
+    batch: int
+    rounds: int
+    preset: str
+    seg_cfg: SegmentationConfig
+    al_cfg: ActiveLearningConfig
+    train_request: dict[str, Any]
+    device: str = "cpu"
+
+    @property
+    def folder(self) -> Path:
+        return self.out / "runs" / f"{self.strategy}_s{self.seed}"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        fh.flush()
+
+
+def evaluate(ds: PanTSDatastore, seg: Segmenter, lm: LabelMap) -> dict[str, float]:
+    """Test-split DSC (mean over classes, whole pancreas, lesion on lesion scans) and lesion AUC."""
+    means, pancreas, lesion, scores, truths = [], [], [], [], []
+    lid = lm.id_of(LESION)
+    for image_id in ds.test_images():
+        vol = load_volume(ds.get_image_uri(image_id))
+        truth = load_volume(ds.get_label_uri(image_id, "pants"), dtype=np.uint8).array
+        pred, _ = seg.segment(vol)
+        d = mean_dice(pred, truth, lm)
+        means.append(d["mean"])
+        pancreas.append(d["whole_pancreas"])
+        positive = bool((truth == lid).any())
+        if positive:
+            lesion.append(d[LESION])
+        scores.append(lesion_score_from_label(pred, vol.spacing, lm))
+        truths.append(positive)
+    return {
+        "mean_dsc": float(np.nanmean(means)),
+        "whole_pancreas_dsc": float(np.mean(pancreas)),
+        "lesion_dsc": float(np.mean(lesion)) if lesion else math.nan,
+        "lesion_auc": auc_score(scores, truths),
+    }
+
+
+def _has_lesion(ds: PanTSDatastore, image_id: str) -> bool:
+    meta = ds.get_metadata(image_id)
+    return bool(meta.get("tumor"))
+
+
+def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None) -> list[dict[str, str]]:
+    """Run (or resume) one campaign; returns its rows."""
+    folder = spec.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows_path = folder / "rounds.csv"
+    rows = read_rows(rows_path)
+    lm = load_labelmap()
+    ds = PanTSDatastore(spec.pool, state_dir=folder / "state", hide_imported_labels=True, labelmap=lm)
+    rng = np.random.default_rng(spec.seed)
+    pool = sorted(ds.images_in_split("train"))
+    seed_ids = [pool[i] for i in rng.choice(len(pool), size=min(spec.initial, len(pool)), replace=False)]
+    if spec.strategy == "full":
+        seed_ids = pool
+    # Rebuild the revealed set from the finished rounds (resume).
+    revealed = list(seed_ids) + [i for r in rows for i in json.loads(r["selected"] or "[]")]
+    ds.reset_revealed()
+    ds.reveal_imported_many(revealed)
+    for lease in ds.active_leases():
+        ds.release_lease(lease["id"])
+
+    cfg = spec.seg_cfg.model_copy(update={"training": spec.seg_cfg.training.model_copy(update={"seed": spec.seed})})
+    model_dir = folder / "model"
+    trainer = PanTSTrain(cfg, lm, spec.preset, model_dir, spec.device)
+    seg = Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device)
+    scorer = PanTSScoring(Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device), spec.al_cfg)
+    strategy = None if spec.strategy == "full" else make_strategies(spec.al_cfg.strategies, seed=spec.seed)[spec.strategy]
+    # "full" follows the campaigns' schedule round for round (same warm-started fine-tunes), so its
+    # last round differs from theirs only in the labels; one long run instead trained worse.
+    for rnd in range(len(rows), spec.rounds):
+        torch.manual_seed(spec.seed * 1000 + rnd)
+        labelled = ds.revealed_images()
+        t0 = time.time()
+        res = trainer(dict(spec.train_request), ds)
+        train_s = time.time() - t0
+        metrics = evaluate(ds, seg, lm)
+        selected: list[str] = []
+        score_s = select_s = 0.0
+        if strategy is not None and rnd < spec.rounds - 1:
+            if spec.strategy != "random":  # random needs no scores
+                t1 = time.time()
+                run_scoring(scorer, ds)
+                score_s = time.time() - t1
+            t2 = time.time()
+            for _ in range(spec.batch):
+                hit = strategy({"strategy": spec.strategy, "client_id": "simulator"}, ds)
+                if hit.get("id"):
+                    selected.append(hit["id"])
+            select_s = time.time() - t2
+        row = {
+            "strategy": spec.strategy, "seed": spec.seed, "round": rnd, "labels": len(labelled),
+            **{k: round(v, 5) for k, v in metrics.items()},
+            "lesion_scans_labelled": sum(_has_lesion(ds, i) for i in labelled),
+            "published": bool(res.get("published")),
+            "train_s": round(train_s, 1), "score_s": round(score_s, 1), "select_s": round(select_s, 3),
+            "selected": json.dumps(selected),
+        }
+        ds.reveal_imported_many(selected)
+        _append_row(rows_path, row)
+        rows.append({k: str(v) for k, v in row.items()})
+        if on_round:
+            on_round()
+    ds.close()
+    return rows
+
+
+# ---- summary -------------------------------------------------------------------------------------
+
+
+def labels_to_reach(labels: list[float], values: list[float], target: float) -> float:
+    """Labels at which the curve first reaches ``target`` (linear between rounds); inf if never."""
+    for k, (n, v) in enumerate(zip(labels, values)):
+        if v >= target:
+            if k == 0:
+                return float(n)
+            n0, v0 = labels[k - 1], values[k - 1]
+            return float(n0 + (target - v0) / (v - v0) * (n - n0)) if v != v0 else float(n)
+    return math.inf
+
+
+def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
+    """The full-pool value: each seed's last "full" round (same schedule as the campaigns), averaged."""
+    last: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["strategy"] == "full" and int(r["round"]) >= int(last.get(r["seed"], {"round": -1})["round"]):
+            last[r["seed"]] = r
+    return float(np.nanmean([float(r[metric]) for r in last.values()])) if last else math.nan
+
+
+def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc")) -> list[dict[str, Any]]:
+    """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves)."""
+    out = []
+    refs = {m: full_pool_reference(rows, m) for m in metrics}
+    strategies = sorted({r["strategy"] for r in rows} - {"full"})
+    for s in strategies:
+        mine = [r for r in rows if r["strategy"] == s]
+        rec: dict[str, Any] = {"strategy": s, "seeds": len({r["seed"] for r in mine})}
+        for m in metrics:
+            ref = refs[m]
+            by_labels: dict[int, list[float]] = {}
+            for r in mine:
+                by_labels.setdefault(int(r["labels"]), []).append(float(r[m]))
+            labels = sorted(by_labels)
+            curve = [float(np.nanmean(by_labels[n])) for n in labels]
+            target = 0.95 * ref
+            rec[f"full_pool_{m}"] = round(float(ref), 4)
+            rec[f"labels_to_95pct_{m}"] = labels_to_reach(labels, curve, target)
+            rec[f"final_{m}"] = round(curve[-1], 4) if curve else math.nan
+            # per-seed values, to show the spread
+            per_seed = []
+            for seed in sorted({r["seed"] for r in mine}):
+                rs = sorted((r for r in mine if r["seed"] == seed), key=lambda r: int(r["labels"]))
+                per_seed.append(labels_to_reach([int(r["labels"]) for r in rs], [float(r[m]) for r in rs], target))
+            rec[f"per_seed_{m}"] = per_seed
+        # what the strategy served, whatever the model learnt: lesion scans among the labelled
+        last = max(int(r["labels"]) for r in mine)
+        rec["final_labels"] = last
+        rec["final_lesion_scans"] = round(float(np.mean(
+            [int(r["lesion_scans_labelled"]) for r in mine if int(r["labels"]) == last])), 2)
+        out.append(rec)
+    return out
+
+
+def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc", "lesion_auc")) -> Path:
+    """Learning curves per strategy: mean over seeds, band = min..max over seeds; full pool dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"mean_dsc": "test DSC, mean over classes", "lesion_dsc": "test lesion DSC",
+              "lesion_auc": "lesion detection AUC", "whole_pancreas_dsc": "whole pancreas DSC"}
+    has_full = any(r["strategy"] == "full" for r in rows)
+    n = len(metrics) + int(has_full)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    strategies = sorted({r["strategy"] for r in rows} - {"full"})
+    for ax, m in zip(axes[0], metrics):
+        for s in strategies:
+            by: dict[int, list[float]] = {}
+            for r in rows:
+                if r["strategy"] == s:
+                    by.setdefault(int(r["labels"]), []).append(float(r[m]))
+            x = sorted(by)
+            y = np.array([np.nanmean(by[n]) for n in x])
+            lo = np.array([np.nanmin(by[n]) if not np.all(np.isnan(by[n])) else np.nan for n in x])
+            hi = np.array([np.nanmax(by[n]) if not np.all(np.isnan(by[n])) else np.nan for n in x])
+            (line,) = ax.plot(x, y, marker="o", label=s)
+            ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+        if has_full:
+            ref = full_pool_reference(rows, m)
+            ax.axhline(ref, ls="--", color="k", lw=1, label="full pool")
+            if m != "lesion_auc":
+                ax.axhline(0.95 * ref, ls=":", color="k", lw=1, label="95% of full pool")
+        ax.set_title(titles.get(m, m))
+        ax.set_xlabel("labelled scans")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if has_full:  # by round: a full-pool curve that tracks the campaigns means training, not labels, limits
+        ax = axes[0][-1]
+        for s in [*strategies, "full"]:
+            by = {}
+            for r in rows:
+                if r["strategy"] == s:
+                    by.setdefault(int(r["round"]), []).append(float(r["mean_dsc"]))
+            x = sorted(by)
+            ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", ls="--" if s == "full" else "-",
+                    color="k" if s == "full" else None, label=s)
+        ax.set_title("test DSC, mean over classes, by round")
+        ax.set_xlabel("round (same training per round)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_reference", "labels_to_reach", "plot_curves", "read_rows", "run_campaign", "summarize"]

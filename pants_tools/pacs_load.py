@@ -1,0 +1,151 @@
+"""Loading PanTS NIfTI scans (and their masks) into a DICOMweb server as CT series + DICOM SEG.
+
+A case becomes one study (UIDs derived from the case id, so loading it again replaces it
+instead of duplicating it) with one CT series carrying the metadata PanTS knows: center as
+InstitutionName, contrast phase (SeriesDescription, ContrastBolusAgent), patient age and sex.
+Its masks, consolidated by the label map's overlap priority, become one SEG with ContentLabel
+``PANTS`` (served by the DICOMweb datastore under the tag ``pants``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from dicomweb_client import DICOMwebClient
+
+from lib.imaging.dicom_seg import label_to_seg
+from lib.imaging.dicom_series import CTStudy, ct_series, series_geometry, stable_uid
+from lib.datastore.dicomweb import store
+from lib.core.labelmap import LabelMap, load_labelmap
+from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata
+
+#: slices per STOW-RS request (a 512x512 int16 slice is 0.5 MB)
+STOW_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path
+    masks: Path | None  # PanTS segmentations/ folder, or a flat label map file
+    meta: CaseMeta | None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    case_id: str
+    study_uid: str
+    series_uid: str
+    seg_uid: str | None
+    slices: int
+
+
+def find_cases(root: str | os.PathLike, case_ids: Sequence[str] | None = None) -> list[Case]:
+    """Cases under a PanTS root (``ImageTr``/``ImageTe`` + ``LabelTr``/``LabelTe``) or a flat
+    folder (``<id>.nii.gz``, labels in ``labels/final/<id>.nii.gz``), with their metadata rows.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or a requested case id is not there.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    meta_file = find_metadata(root)
+    meta = read_metadata(meta_file) if meta_file else {}
+    cases: list[Case] = []
+    pants = [(root / i, root / lab) for i, lab in (("ImageTr", "LabelTr"), ("ImageTe", "LabelTe")) if (root / i).is_dir()]
+    if pants:
+        for images, labels in pants:
+            for d in sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                ct = next((d / n for n in ("ct.nii.gz", "ct.nii") if (d / n).is_file()), None)
+                if ct is not None:
+                    seg = labels / d.name / "segmentations"
+                    cases.append(Case(d.name, ct, seg if seg.is_dir() else None, meta.get(d.name)))
+    else:
+        for f in sorted(root.iterdir()):
+            for ext in (".nii.gz", ".nii"):
+                if f.is_file() and f.name.endswith(ext) and not f.name.startswith("."):
+                    cid = f.name[: -len(ext)]
+                    lab = root / "labels" / "final" / f.name
+                    cases.append(Case(cid, f, lab if lab.is_file() else None, meta.get(cid)))
+    if case_ids:
+        by_id = {c.case_id: c for c in cases}
+        missing = [c for c in case_ids if c not in by_id]
+        if missing:
+            raise FileNotFoundError(f"cases not found under {root}: {missing}")
+        cases = [by_id[c] for c in case_ids]
+    return cases
+
+
+def case_label(case: Case, shape: tuple[int, ...], lm: LabelMap) -> np.ndarray | None:
+    """The case's masks as one label map (``None`` if it has none)."""
+    if case.masks is None:
+        return None
+    if case.masks.is_file():
+        return np.asarray(nib.load(str(case.masks)).dataobj).astype(np.uint8)
+    masks = {}
+    for f in case.masks.iterdir():
+        name = f.name.split(".")[0]
+        if f.name.endswith((".nii.gz", ".nii")) and name in lm.name_to_id:
+            masks[name] = np.asarray(nib.load(str(f)).dataobj) > 0
+    if not masks:
+        return None
+    label = lm.consolidate(masks)
+    if label.shape != tuple(shape):
+        raise ValueError(f"{case.case_id}: masks {label.shape} do not match the CT {tuple(shape)}")
+    return label
+
+
+def load_case(client: DICOMwebClient, case: Case, *, with_labels: bool = True, lm: LabelMap | None = None) -> Loaded:
+    """Store one case in the server: its CT series and (``with_labels``) its masks as a SEG."""
+    lm = lm or load_labelmap()
+    img = nib.load(str(case.image))
+    volume = np.asarray(img.dataobj, dtype=np.float32)
+    if volume.ndim == 4 and volume.shape[3] == 1:
+        volume = volume[..., 0]
+    m = case.meta
+    study = CTStudy(
+        patient_id=case.case_id,
+        study_uid=stable_uid(case.case_id, "study"),
+        series_uid=stable_uid(case.case_id, "ct"),
+        institution=m.center if m else None,
+        contrast_phase=m.contrast_phase if m else None,
+        age_years=m.age if m else None,
+        sex=m.sex if m else None,
+    )
+    datasets = ct_series(volume, img.affine, study)
+    for s in range(0, len(datasets), STOW_BATCH):
+        store(client, datasets[s : s + STOW_BATCH])
+    seg_uid = None
+    label = case_label(case, volume.shape, lm) if with_labels else None
+    if label is not None:
+        seg_uid = stable_uid(case.case_id, "pants-seg")
+        seg = label_to_seg(
+            label, img.affine, series_geometry(datasets), lm=lm, series_uid=seg_uid,
+            sop_instance_uid=stable_uid(case.case_id, "pants-seg", "instance"), content_label="PANTS",
+            description="PanTS masks", series_number=200,
+        )
+        store(client, [seg])
+    return Loaded(case.case_id, study.study_uid, study.series_uid, seg_uid, len(datasets))
+
+
+def load_cases(
+    client: DICOMwebClient, cases: Sequence[Case], *, with_labels: bool = True, progress: bool = False
+) -> Iterator[Loaded]:
+    """:func:`load_case` for each case, with a progress bar if asked."""
+    lm = load_labelmap()
+    it: Sequence[Case] = cases
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(cases, desc="loading", unit="case")
+    for case in it:
+        yield load_case(client, case, with_labels=with_labels, lm=lm)
+
+
+__all__ = ["Case", "Loaded", "find_cases", "case_label", "load_case", "load_cases"]

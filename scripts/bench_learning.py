@@ -7,7 +7,7 @@ with a lesion (evenly spread); the test split forces a lesion on ``--test-lesion
 that lesion DSC and detection AUC have enough cases. Training is the train task itself
 (``lib/trainers/segmentation.py``, as ``POST /train/segmentation`` runs it, center-stratified
 validation included), with the recipe of ``configs/presets.yaml`` for this device unless options
-below change it. Testing segments each held-out phantom with the infer code (``lib/segmenter.py``)
+below change it. Testing segments each held-out phantom with the infer code (``lib/model/segmenter.py``)
 at its own grid and scores it with ``lib/metrics.py``.
 
 It prints DSC per class (mean over test scans where the class is present), whole pancreas, lesion

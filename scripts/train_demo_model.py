@@ -3,8 +3,8 @@
 
 This is ``scripts/bench_learning.py`` with fixed arguments (below): 40 adult-size phantoms from the
 five phantom centers (about 11% with a lesion, data seed 0), the app's own train task from scratch
-(``POST /train/segmentation``'s code, the CPU recipe of ``configs/presets.yaml``), 1,000 steps,
-training seed 0, then a test on 10 held-out phantoms (5 with a lesion). It writes
+(``POST /train/segmentation``'s code, the CPU recipe of ``configs/presets.yaml``),
+2,400 steps, training seed 0, then a test on 10 held-out phantoms (5 with a lesion). It writes
 ``apps/pants_label/demo_model/segresnet_fast.pt`` with a model card (``model_card.json`` beside it,
 and in the weights file, which ``/info`` shows as ``model_card``) that says it is a phantom model,
 not for real CT, with its test Dice, CPU time and the command.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))  # bench_learning.py lives beside this
 import bench_learning  # noqa: E402
 
 DEMO_ARGS = ["--out", str(REPO / "out" / "demo_model"), "--n-train", "40", "--n-test", "10", "--test-lesions", "5",
-             "--data-seed", "0", "--seed", "0", "--steps", "1000", "--evals", "5", "--lr", "3e-3",
+             "--data-seed", "0", "--seed", "0", "--steps", "2400", "--evals", "6", "--lr", "3e-3",
              "--save-model", str(REPO / "apps" / "pants_label" / "demo_model")]
 
 

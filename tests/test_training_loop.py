@@ -8,7 +8,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from lib.core.settings import CpuTraining, TrainingConfig
-from lib.model.training import CachedCase, CropSampler, PrefetchSampler, crop, dice_ce_loss
+from lib.model.training import CachedCase, CropSampler, PrefetchSampler, ce_class_weights, crop, dice_ce_loss
 
 PATCH = (16, 24, 16)
 
@@ -80,6 +80,32 @@ def test_dice_ce_loss_equals_monai_dicece(channels_last: bool) -> None:
     got.backward()
     torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_in.grad, ref_in.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_class_weighted_ce_is_torch_weighted_cross_entropy(channels_last: bool) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 6, 7, 8, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 1, 6, 7, 8))
+    weight = torch.tensor([1.0, 2.0, 30.0, 1.5, 4.0], dtype=torch.float64)
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    dice_only = dice_ce_loss(logits, target) - torch.nn.functional.cross_entropy(logits, target[:, 0])
+    want = dice_only + torch.nn.functional.cross_entropy(logits, target[:, 0], weight=weight)
+    torch.testing.assert_close(dice_ce_loss(logits, target, ce_weight=weight), want)
+    ones = torch.ones(5, dtype=torch.float64)
+    torch.testing.assert_close(dice_ce_loss(logits, target, ce_weight=ones), dice_ce_loss(logits, target))
+
+
+def test_ce_class_weights_favour_rare_classes() -> None:
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[:2] = 1  # 200 voxels
+    label[5, 5, :2] = 2  # 2 voxels
+    case = CachedCase("c", np.zeros(label.shape, np.float16), label, {})
+    w = ce_class_weights([case], 4, cap=20.0).numpy()  # counts (+1): 799, 201, 3, 1
+    assert w[0] == 1.0 and w[1] == pytest.approx(np.sqrt(799 / 201)) and w[2] == pytest.approx(np.sqrt(799 / 3))
+    assert w[3] == 20.0  # absent everywhere: the cap
+    assert ce_class_weights([case], 4, cap=1.0).eq(1.0).all()
 
 
 def test_cpu_overrides_apply_on_cpu_only() -> None:

@@ -1,6 +1,6 @@
 """Class-aware uncertainty scoring of unlabelled scans for active learning.
 
-Per scan, two passes of the app's own network (:class:`lib.segmenter.Segmenter`):
+Per scan, two passes of the app's own network (:class:`lib.model.segmenter.Segmenter`):
 
 1. *Localize*: the body's bounding box (``scoring.localize_body_hu``) of the whole CT, once,
    deterministic, at a coarse spacing (``scoring.localize_spacing_mm``), to find the predicted

@@ -125,6 +125,8 @@ class TrainingConfig(_Frozen):
     seed: int = 0
     crop_class_weights: dict[str, float] = {}
     crop_background_weight: float = Field(1.0, ge=0)
+    # cross-entropy weight per class sqrt(background / class voxels), capped here; 1 = unweighted
+    ce_weight_cap: float = Field(30.0, ge=1)
     cache_dir_name: str = ".cache/preprocessed"
     channels_last_3d: bool = False  # network and batches in channels-last memory format
     cpu: CpuTraining = CpuTraining()

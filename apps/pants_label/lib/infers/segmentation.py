@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 class PanTSSegmentation(InferTask):
-    """Runs :class:`lib.segmenter.Segmenter` and writes a uint8 label map in the image's geometry."""
+    """Runs :class:`lib.model.segmenter.Segmenter` and writes a uint8 label map in the image's geometry."""
 
     def __init__(self, segmenter: Segmenter, labelmap: LabelMap) -> None:
         super().__init__(

@@ -40,6 +40,7 @@ from lib.model.training import (
     CaseCache,
     CropSampler,
     PrefetchSampler,
+    ce_class_weights,
     class_weights,
     dice_ce_loss,
     effective_patch,
@@ -250,6 +251,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     # Each rank draws its own crops; DDP averages the gradients (effective batch = batch x ranks).
     sampler = CropSampler(train, patch, class_weights(cfg, plan.labelmap), cfg.training.crop_background_weight,
                           seed=cfg.training.seed + rank)
+    ce_weight = ce_class_weights(train, plan.labelmap.num_classes + 1, cfg.training.ce_weight_cap).to(device)
     optim = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate, weight_decay=cfg.training.weight_decay)
     iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))
     iters = max(1, math.ceil(iters / world))
@@ -279,7 +281,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                 y = y.to(device, non_blocking=True)
                 optim.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, enabled=use_amp):
-                    loss = dice_ce_loss(model(x), y)
+                    loss = dice_ce_loss(model(x), y, ce_weight=ce_weight)
                 scaler.scale(loss).backward()
                 scaler.step(optim)
                 scaler.update()

@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["half", "full"])
     ap.add_argument("--runs", nargs="+", default=["fast", "full", "peer"], choices=["fast", "full", "peer"],
                     help="what to serve; leave out 'peer' for a quick run (the radiology app takes >15 min)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="serve these weights (a segresnet_<preset>.pt, e.g. the demo model) instead of random ones")
     ap.add_argument("--peer-rss-cap-gb", type=float, default=16.0, help="stop the peer past this RSS")
     ap.add_argument("--peer-timeout", type=float, default=900.0, help="stop the peer after this many seconds")
     args = ap.parse_args()
@@ -153,6 +155,9 @@ def main() -> None:
     studies = args.out / "studies"
     studies.mkdir(exist_ok=True)
     sizes = sorted(args.sizes, key=lambda s: SIZES[s][0][0])  # smallest first (VmHWM is cumulative)
+    if args.weights:  # post-processing is cheaper for a trained model (fewer undecided cells)
+        (args.out / "model").mkdir(exist_ok=True)
+        shutil.copy(args.weights, args.out / "model" / args.weights.name)
     print("making CTs ...", flush=True)
     images = {s: make_ct(studies, s) for s in sizes}
 

@@ -168,15 +168,19 @@ def save_model(weights: Path, args: argparse.Namespace, summary: dict, per_class
             "command": "python scripts/" + Path(sys.argv[0]).name + " " + " ".join(sys.argv[1:]),
             "phantoms": {"n_train": args.n_train, "n_test": args.n_test, "shape": list(args.shape),
                          "spacing_mm": list(args.spacing), "seed": args.data_seed},
-            "test_dice": {**{r["class"]: round(r["dsc"], 4) for r in per_class},
-                          **{k: round(summary[k], 4) for k in TARGETS}},
+            "test_dice": {**{r["class"]: _rounded(r["dsc"]) for r in per_class},  # None: in no test scan
+                          **{k: _rounded(summary[k]) for k in TARGETS}},
             "train_wall_s": round(summary["train_wall_min"] * 60, 1), "train_cpu_s": round(summary["train_cpu_min"] * 60, 1),
-            "threads": args.threads, "device": summary["device"], "torch": torch.__version__}
+            "threads": args.threads, "device": summary["device"], "torch": str(torch.__version__)}
     out = model_path(args.save_model, args.preset)
     publish(blob["state_dict"], card, out)
     write_json_atomic(args.save_model / "model_card.json", card)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and its model_card.json")
     return out
+
+
+def _rounded(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
 
 
 def _mean(xs: list[float]) -> float:
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                    iterations=stats.get("iterations"), fastest_iteration_s=stats.get("fastest_iteration_s"),
                    val_metric=stats.get("best_metric"), request=request, patch=stats.get("patch"),
                    batch_size=stats.get("batch_size"), data=str(root), threads=args.threads,
-                   device="cuda" if torch.cuda.is_available() else "cpu", torch=torch.__version__)
+                   device="cuda" if torch.cuda.is_available() else "cpu", torch=str(torch.__version__))
         if args.save_model:
             save_model(weights, args, summary, per_class)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

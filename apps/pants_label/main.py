@@ -6,6 +6,7 @@ Start with ``monailabel start_server --app apps/pants_label --studies DIR`` (see
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -209,7 +210,7 @@ class PanTSLabelApp(MONAILabelApp):
             keep = ("preset", "summary", "val_metric", "train_size", "published_ts", "phantom_model", "note",
                     "test_dice", "train_cpu_s")
             self._card_cache = (stamp, {"path": str(path), "trained": True,
-                                        **{k: meta[k] for k in keep if k in meta}})
+                                        **{k: _json_safe(meta[k]) for k in keep if k in meta}})
         return self._card_cache[1]
 
     def _al_status(self) -> dict[str, Any]:
@@ -222,3 +223,14 @@ class PanTSLabelApp(MONAILabelApp):
             "leases": len(ds.active_leases()),
             "lease_minutes": self.al_config.strategies.lease_minutes,
         }
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: /info is JSON, which has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

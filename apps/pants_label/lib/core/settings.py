@@ -52,6 +52,12 @@ class Preprocessing(_Frozen):
             raise ValueError(f"must be two HU values with hu_min ({lo}) < low < high < hu_max ({hi}), got {list(v)}")
         return v
 
+    def input_map(self) -> dict[str, object]:
+        """The settings that decide what the network sees (not where infer runs it): weights
+        trained under one input map do not fit another."""
+        return self.model_dump(mode="json", include={"orientation", "hu_min", "hu_max", "soft_tissue_hu",
+                                                    "soft_tissue_share"})
+
     def hu_knots(self) -> tuple[list[float], list[float]]:
         """The input map as knots: HU values and the network input each becomes (linear between)."""
         if self.soft_tissue_hu is None:

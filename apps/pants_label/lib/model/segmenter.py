@@ -469,8 +469,8 @@ class Segmenter:
                     f"{self.model_path}: model was trained for labels {names}, not this label map; "
                     "move it aside or retrain"
                 )
-            made_for = meta.get("preprocessing")
-            if made_for is not None and made_for != self.cfg.preprocessing.model_dump(mode="json"):
+            made_for, current = meta.get("preprocessing"), self.cfg.preprocessing.input_map()
+            if made_for is not None and {k: made_for.get(k) for k in current} != current:
                 raise ValueError(
                     f"{self.model_path}: model was trained with preprocessing {made_for}, not this one "
                     f"(configs/presets.yaml preprocessing); move it aside or retrain"

@@ -330,7 +330,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             "labels": plan.labelmap.names,
             "preset": plan.preset_name,
             "spacing_mm": list(preset.spacing_mm),
-            "preprocessing": cfg.preprocessing.model_dump(mode="json"),  # weights only fit this input map
+            "preprocessing": cfg.preprocessing.input_map(),  # weights only fit this input map
             "val_metric": best_metric if val else None,
             "val_ids": [v[0] for v in plan.val],
             "train_size": len(plan.train),

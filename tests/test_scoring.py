@@ -76,7 +76,10 @@ def test_coarse_grid_from_stored_integers_matches_normalise_then_area() -> None:
 
     from lib.model.segmenter import normalize_hu, resample_image
 
-    seg = Segmenter(CFG, LM, "fast", Path("/nonexistent.pt"))
+    # One linear HU map, so that the bound below is in HU (40 HU); the soft-tissue window would
+    # scale the same subsampling error by its slope (4x).
+    cfg = CFG.model_copy(update={"preprocessing": CFG.preprocessing.model_copy(update={"soft_tissue_hu": None})})
+    seg = Segmenter(cfg, LM, "fast", Path("/nonexistent.pt"))
     scorer = ScanScorer(seg, AL.scoring)
     rng = np.random.default_rng(0)
     # smooth anatomy beyond the HU window on both sides, plus scanner noise
@@ -84,14 +87,14 @@ def test_coarse_grid_from_stored_integers_matches_normalise_then_area() -> None:
     raw = 1400 * np.sin(i / 12.0) * np.cos(j / 16.0) + 200 * np.sin(k / 4.0) + rng.normal(0, 30, (40, 40, 24))
     raw = raw.astype(np.int16)
     spacing = (1.0, 1.0, 2.0)
-    exact = resample_image(normalize_hu(raw, CFG)[None, None], (10, 10, 12))
+    exact = resample_image(normalize_hu(raw, cfg)[None, None], (10, 10, 12))
     fast = scorer._coarse(raw, spacing, (4.0, 4.0, 4.0))  # reads every 2nd voxel in x and y
     assert fast.shape == exact.shape
     # the same local means from a quarter of the samples, on a grid moved by half a source voxel
     assert float((fast - exact).abs().mean()) < 0.04
     assert float(fast.min()) >= -1.0 and float(fast.max()) <= 1.0
     same = scorer._coarse(raw, spacing, (1.0, 1.0, 2.0))  # no shrink: exactly the normalised scan
-    assert torch.equal(same, normalize_hu(raw, CFG)[None, None])
+    assert torch.equal(same, normalize_hu(raw, cfg)[None, None])
 
 
 def test_localize_sees_only_the_body() -> None:

@@ -98,7 +98,9 @@ def run_one(server: Server, image: str, model: str, params: dict, cap_gb: float,
     """One infer request; watches the server's RSS and stops it past ``cap_gb``."""
     from monailabel.client import MONAILabelClient
 
-    client = MONAILabelClient(server.url, tmpdir=tempfile.gettempdir())
+    # A folder of the client's own: the server names its answer after its temp file in the shared
+    # /tmp and removes that file once sent, which would remove the client's copy of the same name.
+    client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(prefix="bench_infer_client_"))
     proc = psutil.Process(server.proc.pid)
     result: dict = {}
     done = threading.Event()

@@ -249,6 +249,11 @@ class Index(SQLiteFile):
         )
         return [r[0] for r in self.conn().execute(q, (*splits, *args))]
 
+    def count_per_split(self, splits: Sequence[str]) -> dict[str, int]:
+        """``{split: number of live images}`` over ``splits`` (splits without images left out)."""
+        q = f"SELECT split, COUNT(*) FROM images WHERE removed = 0 AND split IN ({_marks(splits)}) GROUP BY split"
+        return dict(self.conn().execute(q, tuple(splits)).fetchall())
+
     def count_labeled_ids(
         self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool
     ) -> int:

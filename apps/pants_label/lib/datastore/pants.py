@@ -899,9 +899,7 @@ class PanTSDatastore(ScoredStore):
 
     def status(self) -> dict[str, Any]:
         splits = self.served_splits
-        c = self.index.conn()
-        q = f"SELECT split, COUNT(*) FROM images WHERE removed = 0 AND split IN ({', '.join('?' * len(splits))}) GROUP BY split"
-        per_split = dict(c.execute(q, splits).fetchall())
+        per_split = self.index.count_per_split(splits)
         return {
             "total": sum(per_split.values()),
             "completed": self.index.count_labeled_ids(splits, TRAINING_TAGS, IMPORTED_TAG, self.hide_imported),

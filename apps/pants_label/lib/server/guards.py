@@ -98,6 +98,9 @@ def find_uvicorn_config() -> Any | None:
 
     MONAI Label creates the app inside uvicorn's lifespan task, whose frames lead back to
     ``LifespanOn.main``; its ``self.config`` is the server's config, read before the bind.
+    uvicorn offers no supported way for an app to reach the running server's ``Config`` (MONAI
+    Label's ``start_server`` builds it and passes the app by import string), hence the frame walk,
+    and, when the app is created outside the lifespan, the one ``Config`` alive in the process.
     """
     try:
         from uvicorn.config import Config

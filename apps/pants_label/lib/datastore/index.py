@@ -23,6 +23,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -271,20 +272,9 @@ class Index(SQLiteFile):
             )
         )
 
-    def unlabeled_with_value(
-        self,
-        splits: Sequence[str],
-        tags: Sequence[str],
-        imported_tag: str,
-        hide_imported: bool,
-        json_path: str,
-        unleased_at: float | None = None,
-    ) -> list[tuple[str, Any]]:
-        """``[(id, info at json_path)]`` of unlabeled images, one query (next-sample strategies).
-
-        With ``unleased_at`` (a time), scans under a lease live at that time are left out.
-        """
-        where, args = self._served_unlabeled(splits, tags, imported_tag, hide_imported, unleased_at)
+    def unlabeled_with_value(self, scans: "Unlabeled", json_path: str) -> list[tuple[str, Any]]:
+        """``[(id, info at json_path)]`` of the ``scans`` (one query; next-sample strategies)."""
+        where, args = self._served_unlabeled(scans)
         q = f"SELECT i.id, json_extract(i.info, ?) FROM images i WHERE {where}"
         return list(self.conn().execute(q, (json_path, *args)))
 
@@ -296,29 +286,17 @@ class Index(SQLiteFile):
         ).fetchone()
         return None if row[0] is None else (int(row[0]), int(row[1]))
 
-    def probe_unlabeled(
-        self,
-        rowid: int,
-        splits: Sequence[str],
-        tags: Sequence[str],
-        imported_tag: str,
-        hide_imported: bool,
-        json_path: str,
-        unleased_at: float | None = None,
-    ) -> tuple[str, Any] | None:
-        """``(id, info at json_path)`` if the image at ``rowid`` is served and unlabeled, else None."""
-        where, args = self._served_unlabeled(splits, tags, imported_tag, hide_imported, unleased_at)
+    def probe_unlabeled(self, rowid: int, scans: "Unlabeled", json_path: str) -> tuple[str, Any] | None:
+        """``(id, info at json_path)`` if the image at ``rowid`` is one of the ``scans``, else None."""
+        where, args = self._served_unlabeled(scans)
         q = f"SELECT i.id, json_extract(i.info, ?) FROM images i WHERE i.rowid = ? AND {where}"
         return self.conn().execute(q, (json_path, rowid, *args)).fetchone()
 
-    def _served_unlabeled(
-        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool,
-        unleased_at: float | None,
-    ) -> tuple[str, list[Any]]:
-        """WHERE clause (on ``images i``) and its arguments: live, in ``splits``, unlabeled, unleased."""
-        where, args = self._label_filter(tags, imported_tag, hide_imported, False)
-        where, args = _and_unleased(where, args, unleased_at)
-        return f"i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}", [*splits, *args]
+    def _served_unlabeled(self, scans: "Unlabeled") -> tuple[str, list[Any]]:
+        """WHERE clause (on ``images i``) and its arguments: live, in the splits, unlabeled, unleased."""
+        where, args = self._label_filter(scans.tags, scans.imported_tag, scans.hide_imported, False)
+        where, args = _and_unleased(where, args, scans.unleased_at)
+        return f"i.removed = 0 AND i.split IN ({_marks(scans.splits)}) AND {where}", [*scans.splits, *args]
 
     def count_labeled(self, splits: Sequence[str], imported_tag: str, hide_imported: bool) -> dict[str, int]:
         """Live labels per tag over the given splits (``status()``)."""
@@ -671,6 +649,18 @@ def _and_unleased(where: str, args: list[Any], at: float | None) -> tuple[str, l
         f"{where} AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.image_id = i.id AND l.expires > ?)",
         [*args, at],
     )
+
+
+@dataclass(frozen=True)
+class Unlabeled:
+    """Which scans a next-sample query draws from: live, in ``splits``, without a label of
+    ``tags`` (imported masks count unless ``hide_imported``), and not leased at ``unleased_at``."""
+
+    splits: Sequence[str]
+    tags: Sequence[str]
+    imported_tag: str
+    hide_imported: bool
+    unleased_at: float | None = None
 
 
 def _marks(seq: Sequence[Any]) -> str:

@@ -49,7 +49,7 @@ import numpy as np
 
 from lib.core.atomic import atomic_write, commit, staged
 from lib.core.config_errors import ConfigError
-from lib.datastore.index import Index, dumps, loads
+from lib.datastore.index import Index, Unlabeled, dumps, loads
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS, ScoredStore
 from lib.datastore.label_upload import (
     DatastoreError,
@@ -563,20 +563,16 @@ class PanTSDatastore(ScoredStore):
         # Rejection sampling: a uniformly random rowid proposes a scan (uniform over the
         # unlabeled ones), accepted with probability weight / now (weights are <= now). That is
         # exactly Random's weighted choice, at ~50 us a probe instead of a scan of all rows.
+        scans = Unlabeled(self.served_splits, tags, IMPORTED_TAG, self.hide_imported, unleased_at)
         span = self.index.rowid_range()
         for _ in range(256 if span else 0):
-            hit = self.index.probe_unlabeled(
-                int(rng.integers(span[0], span[1] + 1)), self.served_splits, tags, IMPORTED_TAG,
-                self.hide_imported, path, unleased_at=unleased_at,
-            )
+            hit = self.index.probe_unlabeled(int(rng.integers(span[0], span[1] + 1)), scans, path)
             if hit is not None:
                 w = max(now - _as_number(hit[1]), 0)
                 if rng.random() * now < w:
                     return {"id": hit[0], "weight": int(w)}
         # Few unlabeled scans, or all served recently: exact choice over the full list.
-        rows = self.index.unlabeled_with_value(
-            self.served_splits, tags, IMPORTED_TAG, self.hide_imported, path, unleased_at=unleased_at
-        )
+        rows = self.index.unlabeled_with_value(scans, path)
         if not rows:
             return None
         weights = np.array([now - _as_number(ts) for _, ts in rows], dtype=np.float64)

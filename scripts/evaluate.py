@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.core.jsonsafe import json_safe
 from lib.model import metrics as M
 from lib.core.labelmap import LabelMap, load_labelmap
 
@@ -307,19 +308,6 @@ def write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
             w.writerow([_cell(r.get(c)) for c in columns])
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN/inf become null so that summary.json is strict JSON."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def _mean_over_classes(per_class: dict[str, dict], names: Iterable[str]) -> dict[str, float]:
     out = {}
     for m in ("dsc", "nsd"):
@@ -562,7 +550,7 @@ def run(args: argparse.Namespace, lm: LabelMap) -> dict[str, Any]:
     write_csv(out / "detection.csv", det, ["case", "score", "truth_tumor", "called_positive", "tumor_in_mask",
                                            *(["tumor_in_metadata"] if meta else []), "truth_lesion_ml",
                                            "pred_lesion_ml", *extra])
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     if not args.no_plots:
         make_plots(out, rows, det, det_metrics, args.threshold, with_groups=bool(meta))
     mo = summary["mean_over_classes"]

@@ -6,7 +6,6 @@ Start with ``monailabel start_server --app apps/pants_label --studies DIR`` (see
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
+from lib.core.jsonsafe import json_safe
 from lib.core.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
 from lib.core.labelmap import load_labelmap  # noqa: E402
@@ -210,7 +210,7 @@ class PanTSLabelApp(MONAILabelApp):
             keep = ("preset", "summary", "val_metric", "train_size", "published_ts", "phantom_model", "note",
                     "test_dice", "train_cpu_s")
             self._card_cache = (stamp, {"path": str(path), "trained": True,
-                                        **{k: _json_safe(meta[k]) for k in keep if k in meta}})
+                                        **{k: json_safe(meta[k]) for k in keep if k in meta}})
         return self._card_cache[1]
 
     def _al_status(self) -> dict[str, Any]:
@@ -223,14 +223,3 @@ class PanTSLabelApp(MONAILabelApp):
             "leases": len(ds.active_leases()),
             "lease_minutes": self.al_config.strategies.lease_minutes,
         }
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities as None: /info is JSON, which has no such numbers."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

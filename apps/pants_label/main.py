@@ -147,7 +147,7 @@ class PanTSLabelApp(MONAILabelApp):
     def _start_scoring(self, version: str | None) -> bool:
         """Background scoring (a MONAI Label scoring task); False if one is already running."""
         if not isinstance(self.datastore(), ScoredStore):
-            return True  # this datastore keeps no scores (DICOMweb): nothing to do
+            return True  # this datastore keeps no scores: nothing to do
         if version is None and not self.al_config.scoring.score_untrained:
             return True  # nothing to score with yet; act again when a model appears
         from monailabel.utils.async_tasks.task import AsyncTask
@@ -215,7 +215,7 @@ class PanTSLabelApp(MONAILabelApp):
 
     def _al_status(self) -> dict[str, Any]:
         ds = self.datastore()
-        if not isinstance(ds, ScoredStore):  # DICOMweb: no scores/leases yet
+        if not isinstance(ds, ScoredStore):
             return {}
         return {
             "scoring": StatusFile(Path(ds.state_dir) / STATUS_NAME).read(),

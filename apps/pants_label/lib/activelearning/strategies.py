@@ -116,8 +116,8 @@ class LeasingStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         name = request.get("strategy") or self.name
-        if not isinstance(datastore, ScoredStore):  # e.g. DICOMweb: random order, no leases or scores
-            return _random_without_leases(request, datastore, name)
+        if not isinstance(datastore, ScoredStore):
+            raise TypeError(f"{type(datastore).__name__} keeps no leases; next-sample strategies need one that does")
         client = str(request.get("client_id") or "anonymous")
         seconds = self.cfg.lease_minutes * 60.0
         with _SELECT_LOCK:
@@ -133,26 +133,6 @@ class LeasingStrategy(Strategy):
             else:
                 return {}
         return {"id": pick, "strategy": name, "selected_by": how, "lease_expires": int(now + seconds), **extra}
-
-
-def _random_without_leases(request: dict[str, Any], datastore: Any, name: str) -> dict[str, Any]:
-    """MONAI Label's Random choice from a datastore that keeps no leases (DICOMweb).
-
-    Uses the datastore's one-query ``sample_random_unlabeled`` where it has one: MONAI Label's
-    ``Random`` fails on zero weights when every unlabelled scan was served in the same second.
-    """
-    pick = getattr(datastore, "sample_random_unlabeled", None)
-    if pick is None:
-        from monailabel.tasks.activelearning.random import Random
-
-        return Random()(request, datastore)
-    hit = pick(strategy=name)
-    if not hit:
-        logger.info("%s: no unlabelled scan left", name)
-        return {}
-    served = {"ts": int(time.time()), "client_id": request.get("client_id", "user-xyz")}
-    datastore.update_image_info(hit["id"], {"strategy": {name: served}})
-    return {"id": hit["id"], "strategy": name, "weight": hit["weight"]}
 
 
 class RandomUnlabeled(LeasingStrategy):

@@ -6,13 +6,19 @@ segments' names, colours and SNOMED CT codes, referencing their CT series. A SEG
 ContentLabel gives its tag: ``PANTS`` for masks loaded from PanTS (``scripts/load_pacs.py``),
 anything else (``FINAL`` from this server, or a viewer's own) is a ``final`` label.
 
-Everything this datastore keeps lives in one writable folder (``--conf datastore_dir``, default
-``~/.cache/pants_label/dicomweb/<hash of the URL>``), so image ids, image info (scores,
-strategy timestamps) and label history survive a restart::
+The index is the same as a PanTS folder's (:mod:`lib.datastore.pacs_index`): series are its
+images, so scores, leases, label versions and the next-sample strategies are shared code
+(:class:`~lib.datastore.indexed.IndexedStore`), and a series' center, phase, age, sex and
+spacing come from its DICOM attributes (:mod:`lib.imaging.dicom_meta`).
 
-    index.sqlite                          series seen, their info; SEG series and what they reference
+Everything this datastore keeps lives in one writable folder (``--conf datastore_dir``, default
+``~/.cache/pants_label/dicomweb/<hash of the URL>``), so image ids, image info, scores, leases
+and label history survive a restart::
+
+    pacs_index.sqlite                     series, their info and metadata, scores, leases, label
+                                          versions; SEG series and the CT series they reference
     dicom/<series>/<sop>.dcm              downloaded CT instances (headers are the SEG's source)
-    images/<series>.nii.gz                the CT as NIfTI (what infer and clients read)
+    images/<series>.nii.gz                the CT as NIfTI (what infer, scoring and clients read)
     labels/<tag>/<series>/v<N>.nii.gz     every label version saved through the API
     segs/<seg series>.nii.gz              SEG series decoded to the 28-class label map
 """
@@ -22,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -32,16 +37,19 @@ from typing import Any
 import numpy as np
 import pydicom
 from dicomweb_client import DICOMwebClient
+from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.core.atomic import staged_dir
-from lib.datastore.index import dumps, loads
-from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, PanTSStore
+from lib.datastore.index import loads
+from lib.datastore.indexed import IndexedStore
+from lib.datastore.pacs_index import PACS_SPLIT, PacsIndex, migrate_v1
+from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG
 from lib.imaging.dicom_seg import check_seg_size, label_to_seg, seg_to_label
 from lib.imaging.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
 from lib.datastore.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
 from lib.core.labelmap import LabelMap, load_labelmap
-from lib.datastore.sqlite_file import SQLiteFile
+from lib.imaging.dicom_meta import case_from_dicom
 from lib.imaging.volume_decode import check_client_image
 from lib.imaging.volume_io import write_label, write_volume
 
@@ -53,36 +61,10 @@ CONTENT_LABEL_TAGS = {"PANTS": IMPORTED_TAG}
 SERIES_FIELDS = (
     "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality", "SeriesDescription", "SeriesNumber",
     "StudyDate", "SeriesDate", "SeriesTime", "InstitutionName", "ContentLabel",
+    "PatientSex", "PatientAge", "ContrastBolusAgent",
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS series (
-    id     TEXT PRIMARY KEY,            -- SeriesInstanceUID of a CT series
-    study  TEXT NOT NULL,
-    qido   TEXT NOT NULL DEFAULT '{}',  -- QIDO-RS fields (SERIES_FIELDS)
-    info   TEXT NOT NULL DEFAULT '{}',  -- update_image_info: scores, strategy timestamps
-    seen   REAL NOT NULL                -- last refresh that listed it
-);
-CREATE TABLE IF NOT EXISTS segs (
-    id      TEXT PRIMARY KEY,           -- SeriesInstanceUID of a SEG series
-    study   TEXT NOT NULL,
-    ref     TEXT,                       -- the CT series it references (NULL: none we serve)
-    tag     TEXT NOT NULL,
-    created TEXT NOT NULL               -- SeriesDate + SeriesTime: newest wins
-);
-CREATE INDEX IF NOT EXISTS segs_ref ON segs (ref, tag, created);
-CREATE TABLE IF NOT EXISTS labels (
-    image_id TEXT NOT NULL,
-    tag      TEXT NOT NULL,
-    version  INTEGER NOT NULL,
-    path     TEXT NOT NULL,             -- relative to the state folder
-    seg      TEXT,                      -- SEG series stored for this version (final only)
-    ts       REAL NOT NULL,
-    info     TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (image_id, tag, version)
-);
-"""
+#: the index file (version 1 kept another schema in ``index.sqlite``; migrated at start)
+INDEX_NAME = "pacs_index.sqlite"
 
 
 def make_client(url: str, username: str = "", password: str = "") -> DICOMwebClient:
@@ -123,7 +105,7 @@ def store(client: DICOMwebClient, datasets: Sequence[Dataset]) -> None:
         raise RuntimeError(f"the DICOMweb server refused {len(failed)} instance(s) (failure reasons {reasons})")
 
 
-class DICOMwebDatastore(PanTSStore):
+class DICOMwebDatastore(IndexedStore):
     """MONAI Label ``Datastore`` over a DICOMweb server, with DICOM SEG labels.
 
     Args:
@@ -135,6 +117,8 @@ class DICOMwebDatastore(PanTSStore):
         search_filter: QIDO filter of the CT series served.
         refresh_interval_s: how long a listing of the server is reused before asking again.
     """
+
+    served_splits = (PACS_SPLIT,)
 
     def __init__(
         self,
@@ -156,17 +140,14 @@ class DICOMwebDatastore(PanTSStore):
         self.state_dir = Path(state_dir or default_state_dir(self.url)).expanduser().resolve()
         for sub in ("dicom", "images", "labels", "segs"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        # FULL is SQLite's default and what this index always had; the PanTS index relaxes it only
-        # because its label files are fsynced before their rows
-        self._sql = SQLiteFile(self.state_dir / "index.sqlite", synchronous="FULL")
-        self._db, self._write = self._sql.conn, self._sql.write
+        migrate_v1(self.state_dir / "index.sqlite", self.state_dir / INDEX_NAME, self._stored_image_path)
+        self.index = PacsIndex(self.state_dir / INDEX_NAME)
+        if self.index.get_meta("url") is None:
+            self.index.set_meta("url", self.url)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._last_refresh = 0.0
-        self._db().executescript(_SCHEMA)  # executescript commits on its own: not inside _write()
-        with self._write() as db:
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('url', ?)", (self.url,))
         self._name = "DICOMweb: " + self.url
         self._description = f"CT series and DICOM SEG labels in {self.url}"
         logger.info(f"DICOMweb datastore {self.url}; state in {self.state_dir}")
@@ -177,6 +158,9 @@ class DICOMwebDatastore(PanTSStore):
             return self._locks.setdefault(key, threading.Lock())
 
     # ---- listing the server ----------------------------------------------------------------------
+    def sync(self) -> None:
+        self.refresh(force=False)
+
     def refresh(self, force: bool = True) -> None:
         """List the CT and SEG series on the server (at most every ``refresh_interval_s`` unless forced)."""
         with self._refresh_lock:
@@ -188,26 +172,21 @@ class DICOMwebDatastore(PanTSStore):
             except Exception as err:  # server down: keep serving what the index knows
                 logger.warning(f"DICOMweb listing of {self.url} failed: {err}")
                 return
-            now = time.time()
-            with self._write() as db:
-                for item in cts:
-                    sid, study = _value(item, "SeriesInstanceUID"), _value(item, "StudyInstanceUID")
-                    if not sid or not study:
-                        continue
+            rows = []
+            for item in cts:
+                sid, study = _value(item, "SeriesInstanceUID"), _value(item, "StudyInstanceUID")
+                if sid and study:
                     qido = {k: _value(item, k) for k in SERIES_FIELDS if k != "ContentLabel"}
-                    db.execute(
-                        "INSERT INTO series (id, study, qido, seen) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT(id) DO UPDATE SET qido = excluded.qido, seen = excluded.seen",
-                        (sid, study, dumps(qido), now),
-                    )
-                known = {r[0] for r in db.execute("SELECT id FROM segs")}
+                    rows.append((sid, {"study": study, "qido": qido, "case": case_from_dicom(qido)}))
+            self.index.upsert_series(rows, self._stored_image_path, time.time())
+            known = self.index.seg_ids()
             for item in segs:
                 sid, study = _value(item, "SeriesInstanceUID"), _value(item, "StudyInstanceUID")
                 if sid and study and sid not in known:
-                    self._index_seg(sid, study, item)
+                    self._index_seg(sid, study)
             self._last_refresh = time.monotonic()
 
-    def _index_seg(self, seg_uid: str, study: str, qido: dict[str, Any]) -> None:
+    def _index_seg(self, seg_uid: str, study: str) -> None:
         """Record which CT series a SEG references (one metadata request per new SEG, ever)."""
         try:
             meta = Dataset.from_json(self.client.retrieve_series_metadata(study, seg_uid)[0])
@@ -219,15 +198,7 @@ class DICOMwebDatastore(PanTSStore):
             ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
         label = str(meta.get("ContentLabel", "") or "").upper()
         created = f"{meta.get('SeriesDate', '') or ''}{meta.get('SeriesTime', '') or ''}"
-        with self._write() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO segs VALUES (?, ?, ?, ?, ?)",
-                (seg_uid, study, ref, CONTENT_LABEL_TAGS.get(label, FINAL_TAG), created),
-            )
-
-    def _fresh(self) -> sqlite3.Connection:
-        self.refresh(force=False)
-        return self._db()
+        self.index.put_seg(seg_uid, study, ref, CONTENT_LABEL_TAGS.get(label, FINAL_TAG), created)
 
     # ---- identity -----------------------------------------------------------------------------
     def name(self) -> str:
@@ -244,17 +215,26 @@ class DICOMwebDatastore(PanTSStore):
 
     # ---- images -----------------------------------------------------------------------------------
     def list_images(self) -> list[str]:
-        return [r[0] for r in self._fresh().execute("SELECT id FROM series ORDER BY id")]
+        self.sync()
+        return self.index.image_ids(self.served_splits)
 
-    def _series_row(self, image_id: str) -> tuple[str, str, str]:
+    def _series(self, image_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(meta, info)`` of a CT series; unknown ids are looked up on the server once."""
         check_image_id(image_id)
-        row = self._db().execute("SELECT study, qido, info FROM series WHERE id = ?", (image_id,)).fetchone()
+        row = self.index.image_row(image_id)
         if row is None:
             self.refresh(force=True)
-            row = self._db().execute("SELECT study, qido, info FROM series WHERE id = ?", (image_id,)).fetchone()
-        if row is None:
+            row = self.index.image_row(image_id)
+        if row is None or row[1] != PACS_SPLIT:
             raise DatastoreError(404, f"image {image_id!r}: no such CT series in {self.url}")
-        return row
+        return loads(row[6]), loads(row[7])
+
+    def _study(self, image_id: str) -> str:
+        return str(self._series(image_id)[0]["study"])
+
+    @staticmethod
+    def _stored_image_path(image_id: str) -> str:
+        return f"@state/images/{image_id}.nii.gz"
 
     def _series_dir(self, image_id: str) -> Path:
         return self.state_dir / "dicom" / image_id
@@ -269,7 +249,7 @@ class DICOMwebDatastore(PanTSStore):
 
     def series_geometry(self, image_id: str, with_pixels: bool = False) -> SeriesGeometry:
         """The CT series' instances (downloaded once) sorted into a volume grid."""
-        study = self._series_row(image_id)[0]
+        study = self._study(image_id)
         folder = self._series_dir(image_id)
         with self._lock(f"dicom:{image_id}"):
             if not folder.is_dir():
@@ -278,16 +258,24 @@ class DICOMwebDatastore(PanTSStore):
         return series_geometry(datasets)
 
     def get_image_uri(self, image_id: str) -> str:
-        """The CT as NIfTI, downloaded and converted on first use (then served from the cache)."""
+        """The CT as NIfTI, downloaded and converted on first use (then served from the cache).
+
+        The conversion also reads the case metadata from the series' own headers (age, sex,
+        phase, spacing), which a QIDO answer may leave out.
+        """
         path = self._image_path(image_id)
         if path.is_file():
             return str(path)
-        self._series_row(image_id)
+        self._series(image_id)
         with self._lock(f"image:{image_id}"):
             if not path.is_file():
                 t = time.perf_counter()
                 geom = self.series_geometry(image_id, with_pixels=True)
                 write_volume(read_volume(geom), geom.affine, path)
+                first = geom.datasets[0]
+                spacing = tuple(float(v) for v in np.linalg.norm(geom.affine[:3, :3], axis=0))
+                fields = {k: first.get(k) for k in SERIES_FIELDS}
+                self.index.set_header_metadata(image_id, case_from_dicom(fields, spacing))
                 logger.info(f"image {image_id}: {geom.shape} from DICOMweb in {time.perf_counter() - t:.2f} s")
         return str(path)
 
@@ -296,20 +284,32 @@ class DICOMwebDatastore(PanTSStore):
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         try:
-            study, qido, info = self._series_row(image_id)
+            meta, info = self._series(image_id)
         except DatastoreError:
             return {}
-        out = {**loads(qido), **loads(info), "StudyInstanceUID": study, "SeriesInstanceUID": image_id}
+        out = {**meta.get("qido", {}), **self._case(meta), **info,
+               "StudyInstanceUID": meta["study"], "SeriesInstanceUID": image_id}
         path = self._image_path(image_id)
         if path.is_file():
             out["path"] = str(path)
         return out
 
+    @staticmethod
+    def _case(meta: dict[str, Any]) -> dict[str, Any]:
+        """Case metadata: the headers' where the series was downloaded, else the QIDO fields'."""
+        return {**meta.get("case", {}), **meta.get("headers", {})}
+
+    def get_metadata(self, image_id: str) -> dict[str, Any]:
+        """Center, contrast phase, age, sex (and spacing once downloaded) from DICOM attributes."""
+        try:
+            return self._case(self._series(image_id)[0])
+        except DatastoreError:
+            return {}
+
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        self._series_row(image_id)
-        with self._write() as db:
-            row = db.execute("SELECT info FROM series WHERE id = ?", (image_id,)).fetchone()
-            db.execute("UPDATE series SET info = ? WHERE id = ?", (dumps({**loads(row[0]), **info}), image_id))
+        self._series(image_id)
+        if self.index.update_info({image_id: dict(info)}):
+            raise DatastoreError(404, f"image {image_id!r}: no such CT series in {self.url}")
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Store an uploaded NIfTI CT in the server as a new CT series; returns its SeriesInstanceUID."""
@@ -333,57 +333,10 @@ class DICOMwebDatastore(PanTSStore):
     def remove_image(self, image_id: str) -> None:
         raise bad_request("images live in the PACS: remove the series there (the next listing drops it)")
 
-    # ---- labels: which images have them --------------------------------------------------------
-    def _tags(self, label_tag: str | None) -> tuple[str, ...]:
-        return (label_tag,) if label_tag else (FINAL_TAG, IMPORTED_TAG)
-
-    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        tags = self._tags(label_tag)
-        q = ",".join("?" * len(tags))
-        db = self._fresh()
-        ids = {r[0] for r in db.execute(
-            f"SELECT DISTINCT s.id FROM series s JOIN segs g ON g.ref = s.id WHERE g.tag IN ({q})", tags)}
-        ids |= {r[0] for r in db.execute(f"SELECT DISTINCT image_id FROM labels WHERE tag IN ({q})", tags)}
-        return sorted(ids)
-
-    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        labeled = set(self.get_labeled_images(label_tag, labels))
-        return [i for i in self.list_images() if i not in labeled]
-
-    def sample_random_unlabeled(
-        self, strategy: str = "random", label_tag: str | None = None, rng: np.random.Generator | None = None
-    ) -> dict[str, Any] | None:
-        """MONAI Label's ``Random`` choice (unlabeled series weighted by seconds since this strategy
-        served them) in one query; a uniform pick when all were served this second (where
-        ``Random`` itself fails on zero weights).
-
-        Returns:
-            ``{"id": ..., "weight": ...}`` or None when every series is labeled.
-        """
-        rng = rng or np.random.default_rng()
-        unlabeled = set(self.get_unlabeled_images(label_tag))
-        rows = [(sid, loads(info).get("strategy", {}).get(strategy, {}).get("ts", 0))
-                for sid, info in self._db().execute("SELECT id, info FROM series ORDER BY id") if sid in unlabeled]
-        if not rows:
-            return None
-        now = time.time()
-        weights = np.clip(np.array([now - float(ts or 0) for _, ts in rows]), 0, None)
-        total = weights.sum()
-        k = int(rng.choice(len(rows), p=weights / total)) if total > 0 else int(rng.integers(len(rows)))
-        return {"id": rows[k][0], "weight": int(weights[k])}
-
     # ---- labels: reading ------------------------------------------------------------------------
-    def _latest_seg(self, image_id: str, tag: str) -> str | None:
-        row = self._fresh().execute(
-            "SELECT id FROM segs WHERE ref = ? AND tag = ? ORDER BY created DESC, rowid DESC LIMIT 1", (image_id, tag)
-        ).fetchone()
-        return row[0] if row else None
-
     def _latest_local(self, image_id: str, tag: str) -> tuple | None:
-        return self._db().execute(
-            "SELECT version, path, seg, ts, info FROM labels WHERE image_id = ? AND tag = ? "
-            "ORDER BY version DESC LIMIT 1", (image_id, tag)
-        ).fetchone()
+        """``(version, path, origin, ts, info)`` of the newest version saved here, or None."""
+        return self.index.current_label(image_id, tag)
 
     def _decode_seg(self, image_id: str, seg_uid: str) -> Path:
         """The SEG series as a label map on the CT's grid (decoded once per SEG)."""
@@ -392,7 +345,7 @@ class DICOMwebDatastore(PanTSStore):
             return out
         with self._lock(f"seg:{seg_uid}"):
             if not out.is_file():
-                study = self._series_row(image_id)[0]
+                study = self._study(image_id)
                 geom = self.series_geometry(image_id)
                 try:  # sizes from the metadata first: the pixel data is fetched only if they fit
                     check_seg_size(Dataset.from_json(self.client.retrieve_series_metadata(study, seg_uid)[0]), geom)
@@ -415,7 +368,8 @@ class DICOMwebDatastore(PanTSStore):
         tag = check_tag(label_tag or FINAL_TAG)
         local = self._latest_local(image_id, tag)
         if tag in (FINAL_TAG, IMPORTED_TAG):
-            seg = self._latest_seg(image_id, tag)
+            self.sync()
+            seg = self.index.latest_seg(image_id, tag)
             if seg and not (local is not None and self._local_is_newer(local, seg)):
                 return str(self._decode_seg(image_id, seg))
         return str(self.state_dir / local[1]) if local else ""
@@ -423,11 +377,11 @@ class DICOMwebDatastore(PanTSStore):
     def _local_is_newer(self, local: tuple, seg_uid: str) -> bool:
         """A version saved here whose SEG the server refused (502) is newer than every SEG made
         before it: it is served from here until a newer SEG appears."""
-        if local[2] is not None:  # its SEG was stored: the SEG listing serves it (or a newer one)
+        if loads(local[4]).get("seg"):  # its SEG was stored: the SEG listing serves it (or a newer one)
             return False
-        row = self._db().execute("SELECT created FROM segs WHERE id = ?", (seg_uid,)).fetchone()
+        created = self.index.seg_created(seg_uid)
         saved = time.strftime("%Y%m%d%H%M%S", time.localtime(float(local[3])))
-        return row is None or str(row[0])[:14] <= saved
+        return created is None or str(created)[:14] <= saved
 
     def get_label(self, label_id: str, label_tag: str, params: Any = None) -> Any:
         uri = self.get_label_uri(label_id, label_tag)
@@ -448,14 +402,15 @@ class DICOMwebDatastore(PanTSStore):
         tag = check_tag(label_tag or FINAL_TAG)
         local = self._latest_local(check_image_id(label_id, "label"), tag)
         info = {**loads(local[4]), "version": local[0], "ts": local[3]} if local else {}
-        seg = self._latest_seg(label_id, tag) if tag in (FINAL_TAG, IMPORTED_TAG) else None
+        info.pop("seg", None)
+        seg = self.index.latest_seg(label_id, tag) if tag in (FINAL_TAG, IMPORTED_TAG) else None
         if seg:
             info["SeriesInstanceUID"] = seg
         return info
 
     def stored_label_files(self) -> set[Path]:
         """Every label file a row of the index points at (start-up recovery keeps these)."""
-        return {self.state_dir / p for (p,) in self._db().execute("SELECT path FROM labels")}
+        return {self.state_dir / p for p in self.index.label_paths()}
 
     # ---- labels: writing -------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -464,6 +419,7 @@ class DICOMwebDatastore(PanTSStore):
 
         Refusals raise :class:`DatastoreError` (HTTP 4xx naming the problem) and store nothing.
         If the server refuses the SEG (HTTP 502), the checked label stays here as a version.
+        A ``final`` label ends the scan's lease.
         """
         image_id = check_image_id(image_id)
         tag = check_tag(label_tag or FINAL_TAG)
@@ -473,10 +429,8 @@ class DICOMwebDatastore(PanTSStore):
         image = read_geometry(self.get_image_uri(image_id))
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)
         with self._lock(f"label:{image_id}:{tag}"):
-            row = self._db().execute(
-                "SELECT COALESCE(MAX(version), 0) FROM labels WHERE image_id = ? AND tag = ?", (image_id, tag)
-            ).fetchone()
-            version = int(row[0]) + 1
+            with self.index.read() as db:
+                version = self.index.next_version(db, image_id, tag)
             rel = Path("labels") / tag / image_id / f"v{version}.nii.gz"
             write_label(checked.array, image.affine, self.state_dir / rel)
             info = {**params, "counts": checked.counts, "named_by": checked.source}
@@ -484,14 +438,14 @@ class DICOMwebDatastore(PanTSStore):
             if tag == FINAL_TAG:
                 try:
                     seg_uid = self._store_seg(image_id, checked.array, image.affine, params)
+                    info["seg"] = seg_uid
                 except Exception as err:
                     error = f"{type(err).__name__}: {err}"
                     info["pacs_error"] = error
-            with self._write() as db:
-                db.execute(
-                    "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, tag, version, str(rel), seg_uid, time.time(), dumps(info)),
-                )
+            with self.index.write() as db:
+                self.index.insert_label(db, image_id, tag, version, str(rel), "upload", time.time(), info)
+                if tag == FINAL_TAG:
+                    self.index.release_leases([image_id], db)
         if error:
             raise DatastoreError(502, f"label kept here as version {version}, but the DICOMweb server did "
                                       f"not store its SEG: {error}")
@@ -506,11 +460,8 @@ class DICOMwebDatastore(PanTSStore):
                            creator=f"{creator}^" if creator and "^" not in creator else creator)
         store(self.client, [seg])
         # Record it now: the next listing would find it, but next sample must see it at once.
-        study = self._series_row(image_id)[0]
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO segs VALUES (?, ?, ?, ?, ?)",
-                       (str(seg.SeriesInstanceUID), study, image_id, FINAL_TAG,
-                        f"{seg.SeriesDate}{seg.SeriesTime}"))
+        self.index.put_seg(str(seg.SeriesInstanceUID), self._study(image_id), image_id, FINAL_TAG,
+                           f"{seg.SeriesDate}{seg.SeriesTime}")
         return str(seg.SeriesInstanceUID)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
@@ -518,19 +469,10 @@ class DICOMwebDatastore(PanTSStore):
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         tag = check_tag(label_tag or FINAL_TAG)
-        local = self._latest_local(check_image_id(label_id, "label"), tag)
-        if local is None:
+        if not self.index.update_label_info(check_image_id(label_id, "label"), tag, dict(info)):
             raise DatastoreError(404, f"no {tag!r} label saved here for image {label_id!r}")
-        with self._write() as db:
-            db.execute("UPDATE labels SET info = ? WHERE image_id = ? AND tag = ? AND version = ?",
-                       (dumps({**loads(local[4]), **info}), label_id, tag, local[0]))
 
     # ---- lists for training and clients --------------------------------------------------------
-    def final_labels_since(self, mark: int) -> tuple[int, int]:
-        # No append-only history here: the cursor is the number of scans with a final label.
-        total = len(self.get_labeled_images(FINAL_TAG))
-        return max(0, total - mark), total
-
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Labeled images for training (``final`` preferred over ``pants``); downloads what it needs."""
         out = []
@@ -547,21 +489,26 @@ class DICOMwebDatastore(PanTSStore):
         return {"total": len(self.list_images()), "completed": len(self.get_labeled_images()), "label_tags": tags}
 
     def json(self) -> dict[str, Any]:
-        db = self._fresh()
+        self.sync()
         labeled: dict[str, dict[str, Any]] = {}
-        for ref, tag in db.execute("SELECT DISTINCT ref, tag FROM segs WHERE ref IS NOT NULL"):
+        for ref, tag in self.index.seg_tags():
             labeled.setdefault(ref, {})[tag] = {"info": {}}
+        for image_id, tag in self.index.current_tag_pairs():
+            labeled.setdefault(image_id, {}).setdefault(tag, {"info": {}})
         objects = {}
-        for sid, study, qido, info in db.execute("SELECT id, study, qido, info FROM series ORDER BY id"):
-            objects[sid] = {"image": {"info": {**loads(qido), **loads(info), "StudyInstanceUID": study}},
-                            "labels": labeled.get(sid, {})}
+        for sid, meta, info in self.index.series_rows():
+            m = loads(meta)
+            objects[sid] = {
+                "image": {"info": {**m.get("qido", {}), **self._case(m), **loads(info), "StudyInstanceUID": m["study"]}},
+                "labels": labeled.get(sid, {}),
+            }
         return {"name": self._name, "description": self._description, "objects": objects}
 
     def get_dataset_archive(self, limit_cases: int | None) -> str:
         raise DatastoreError(501, "dataset archives are not built over DICOMweb; export from the PACS")
 
     def close(self) -> None:
-        self._sql.close()
+        self.index.close()
 
 
 __all__ = ["DICOMwebDatastore", "make_client", "store", "default_state_dir", "IMPORTED_TAG", "FINAL_TAG"]

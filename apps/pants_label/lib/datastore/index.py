@@ -180,9 +180,13 @@ class Index(SQLiteFile):
             for stmt in schema.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
-            for stmt in _TRIGGERS:
+            for stmt in [*_TRIGGERS, *self.extra_schema()]:
                 db.execute(stmt)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def extra_schema(self) -> list[str]:
+        """Statements a backend's index adds to the shared schema (tables, indexes, triggers)."""
+        return []
 
     # ---- meta --------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -220,10 +224,19 @@ class Index(SQLiteFile):
     def _label_filter(
         self, tags: Sequence[str], imported_tag: str, hide_imported: bool, labeled: bool
     ) -> tuple[str, list[Any]]:
-        """SQL condition on ``images i``: has (``labeled``) or lacks a live label under any of ``tags``.
+        """SQL condition on ``images i``: has (``labeled``) or lacks a live label under any of ``tags``."""
+        conds, args = self._live_label_conditions(tags, imported_tag, hide_imported)
+        has = " OR ".join(conds) if conds else "0"
+        return (f"({has})" if labeled else f"NOT ({has})"), args
+
+    def _live_label_conditions(
+        self, tags: Sequence[str], imported_tag: str, hide_imported: bool
+    ) -> tuple[list[str], list[Any]]:
+        """The ways an image ``i`` can hold a live label of ``tags``: conditions ORed together.
 
         The imported tag has no rows in ``current``: it is live when the image has a mask folder
-        and its masks are visible (not hidden, or revealed, or in the test split).
+        and its masks are visible (not hidden, or revealed, or in the test split). A backend with
+        labels kept elsewhere (DICOM SEG series) adds its own condition in a subclass.
         """
         real = [t for t in tags if t != imported_tag]
         conds = []
@@ -236,8 +249,7 @@ class Index(SQLiteFile):
         if imported_tag in tags:
             conds.append("(i.mask_dir IS NOT NULL AND (? = 0 OR i.revealed = 1 OR i.split = 'test'))")
             args.append(int(hide_imported))
-        has = " OR ".join(conds) if conds else "0"
-        return (f"({has})" if labeled else f"NOT ({has})"), args
+        return conds, args
 
     def labeled_ids(
         self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool, labeled: bool
@@ -346,6 +358,10 @@ class Index(SQLiteFile):
             )
             .fetchone()
         )
+
+    def current_tag_pairs(self) -> list[tuple[str, str]]:
+        """``(image id, tag)`` of every live label."""
+        return list(self.conn().execute("SELECT image_id, tag FROM current"))
 
     def current_tags(self, image_id: str) -> list[str]:
         return [r[0] for r in self.conn().execute("SELECT tag FROM current WHERE image_id = ?", (image_id,))]
@@ -537,6 +553,20 @@ class Index(SQLiteFile):
 
         Built from the small sets (live labels, revealed scans), not a pass over the pool.
         """
+        parts, args = self._labelled_id_sets(tags, imported_tag, hide_imported)
+        if not parts:
+            return []
+        q = (
+            f"SELECT s.image_id, s.grp, s.embedding FROM ({' UNION '.join(parts)}) r "
+            "JOIN scores s ON s.image_id = r.id LIMIT ?"
+        )
+        return list(self.conn().execute(q, (*args, int(limit))))
+
+    def _labelled_id_sets(
+        self, tags: Sequence[str], imported_tag: str, hide_imported: bool
+    ) -> tuple[list[str], list[Any]]:
+        """``SELECT ... AS id`` queries whose union is the images with a live label of ``tags``
+        (the set form of :meth:`_live_label_conditions`)."""
         real = [t for t in tags if t != imported_tag]
         parts, args = [], []
         if real:
@@ -547,13 +577,7 @@ class Index(SQLiteFile):
                 parts.append("SELECT id FROM images WHERE revealed = 1 AND mask_dir IS NOT NULL")
             else:
                 parts.append("SELECT id FROM images WHERE mask_dir IS NOT NULL")
-        if not parts:
-            return []
-        q = (
-            f"SELECT s.image_id, s.grp, s.embedding FROM ({' UNION '.join(parts)}) r "
-            "JOIN scores s ON s.image_id = r.id LIMIT ?"
-        )
-        return list(self.conn().execute(q, (*args, int(limit))))
+        return parts, args
 
     def leased_scores(self, now: float) -> list[tuple[str, str | None, bytes | None]]:
         """``(id, grp, embedding)`` of scored scans under a lease live at ``now``."""
@@ -663,10 +687,14 @@ class Unlabeled:
     unleased_at: float | None = None
 
 
-def _marks(seq: Sequence[Any]) -> str:
+def placeholders(seq: Sequence[Any]) -> str:
+    """``?, ?, ?`` for an ``IN (...)`` over ``seq``."""
     if not seq:
         return "NULL"  # `x IN (NULL)` matches nothing
     return ", ".join("?" * len(seq))
 
 
-__all__ = ["Index", "dumps", "loads", "SCHEMA_VERSION", "SCORE_COLUMNS"]
+_marks = placeholders
+
+
+__all__ = ["Index", "Unlabeled", "dumps", "loads", "placeholders", "SCHEMA_VERSION", "SCORE_COLUMNS"]

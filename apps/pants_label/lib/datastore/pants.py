@@ -49,8 +49,9 @@ import numpy as np
 
 from lib.core.atomic import atomic_write, commit, staged
 from lib.core.config_errors import ConfigError
-from lib.datastore.index import Index, Unlabeled, dumps, loads
-from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS, ScoredStore
+from lib.datastore.index import Index, dumps, loads
+from lib.datastore.indexed import IndexedStore
+from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS
 from lib.datastore.label_upload import (
     DatastoreError,
     atomic_write_nifti,
@@ -88,13 +89,6 @@ _MASK_SUFFIXES = (".nii.gz", ".nii")
 _ROOT, _STATE = "@root/", "@state/"
 
 
-def _as_number(v: Any) -> float:
-    try:
-        return float(v or 0)
-    except (TypeError, ValueError):
-        return 0.0
-
-
 def detect_layout(root: str | os.PathLike) -> str:
     """``"pants"`` when ``root`` has ``ImageTr/`` or ``ImageTe/``, else ``"flat"``."""
     root = Path(root)
@@ -117,7 +111,7 @@ def _scandir_names(path: Path, dirs: bool) -> list[str]:
         return []
 
 
-class PanTSDatastore(ScoredStore):
+class PanTSDatastore(IndexedStore):
     """MONAI Label ``Datastore`` over a PanTS root or a flat NIfTI folder, indexed in SQLite.
 
     Args:
@@ -473,19 +467,11 @@ class PanTSDatastore(ScoredStore):
             rows = [r for r in (self._row(i) for i in image_ids) if r is not None]
         return {r[0]: self._compose_info(r) for r in rows}
 
-    def image_info_values(self, key: str) -> dict[str, Any]:
-        """``{id: info[key]}`` for served scans that have ``key`` (e.g. a score), one query."""
-        return self.index.info_values(key, self.served_splits)
-
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         """Merge ``info`` into the scan's stored info (atomic across threads and processes)."""
         check_image_id(image_id)
         if self.index.update_info({image_id: dict(info)}):
             raise DatastoreError(404, f"image {image_id!r} not found in the datastore")
-
-    def update_images_info(self, infos: dict[str, dict[str, Any]]) -> list[str]:
-        """Bulk :meth:`update_image_info` in one transaction (scoring 36k scans); returns unknown ids."""
-        return self.index.update_info(infos)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Copy an uploaded image into ``state_dir/images`` (the dataset folder is never written)."""
@@ -518,129 +504,7 @@ class PanTSDatastore(ScoredStore):
         if row[1] == "added":
             self._abs(row[2]).unlink(missing_ok=True)
 
-    # ---- labels: queries ---------------------------------------------------------------------
-    def _tags(self, label_tag: str | Sequence[str] | None) -> tuple[str, ...]:
-        if label_tag is None:
-            return TRAINING_TAGS
-        return (label_tag,) if isinstance(label_tag, str) else tuple(label_tag)
-
-    def get_labeled_images(
-        self, label_tag: str | Sequence[str] | None = None, labels: list[str] | None = None
-    ) -> list[str]:
-        """Served scans with a live label under ``label_tag`` (default: ``final`` or visible ``pants``)."""
-        return self.index.labeled_ids(self.served_splits, self._tags(label_tag), IMPORTED_TAG, self.hide_imported, True)
-
-    def get_unlabeled_images(
-        self, label_tag: str | Sequence[str] | None = None, labels: list[str] | None = None
-    ) -> list[str]:
-        """Served scans without a live label under ``label_tag`` (what next-sample strategies draw from)."""
-        return self.index.labeled_ids(
-            self.served_splits, self._tags(label_tag), IMPORTED_TAG, self.hide_imported, False
-        )
-
-    def sample_random_unlabeled(
-        self,
-        strategy: str = "random",
-        label_tag: str | Sequence[str] | None = None,
-        rng: np.random.Generator | None = None,
-        unleased_at: float | None = None,
-    ) -> dict[str, Any] | None:
-        """MONAI Label's ``Random`` next sample in one query.
-
-        Same choice as ``monailabel.tasks.activelearning.random.Random`` (an unlabeled scan,
-        weighted by seconds since this strategy last served it, ``info["strategy"][strategy]["ts"]``),
-        without its ``get_image_info`` call per scan, which costs ~0.4 s at 36k scans.
-
-        With ``unleased_at`` (a time), scans under a lease live then are never drawn.
-
-        Returns:
-            ``{"id": ..., "weight": ...}`` or None when every served scan is labeled.
-        """
-        path = "$.strategy." + dumps(strategy) + ".ts"
-        tags = self._tags(label_tag)
-        rng = rng or np.random.default_rng()
-        now = int(time.time())
-        # Rejection sampling: a uniformly random rowid proposes a scan (uniform over the
-        # unlabeled ones), accepted with probability weight / now (weights are <= now). That is
-        # exactly Random's weighted choice, at ~50 us a probe instead of a scan of all rows.
-        scans = Unlabeled(self.served_splits, tags, IMPORTED_TAG, self.hide_imported, unleased_at)
-        span = self.index.rowid_range()
-        for _ in range(256 if span else 0):
-            hit = self.index.probe_unlabeled(int(rng.integers(span[0], span[1] + 1)), scans, path)
-            if hit is not None:
-                w = max(now - _as_number(hit[1]), 0)
-                if rng.random() * now < w:
-                    return {"id": hit[0], "weight": int(w)}
-        # Few unlabeled scans, or all served recently: exact choice over the full list.
-        rows = self.index.unlabeled_with_value(scans, path)
-        if not rows:
-            return None
-        weights = np.array([now - _as_number(ts) for _, ts in rows], dtype=np.float64)
-        weights = np.clip(weights, 0, None)
-        total = weights.sum()
-        k = int(rng.choice(len(rows), p=weights / total)) if total > 0 else int(rng.integers(len(rows)))
-        return {"id": rows[k][0], "weight": int(weights[k])}
-
-    # ---- active learning: scores and leases ----------------------------------------------------
-    def store_scores(self, rows: Sequence[dict[str, Any]], info_key: str) -> list[str]:
-        """Store scan scores (ranking table + image info under ``info_key``); returns unknown ids."""
-        return self.index.store_scores(rows, info_key)
-
-    def scoring_todo(self, model_version: str) -> list[str]:
-        """Unlabeled served scans without a score from ``model_version``: never-scored ones first."""
-        ids = self.get_unlabeled_images()
-        have = self.index.score_versions(ids)
-        fresh = [i for i in ids if i not in have]
-        stale = [i for i in ids if i in have and have[i] != model_version]
-        return fresh + stale
-
-    def top_scored(self, column: str, now: float, limit: int) -> list[tuple]:
-        """Best unlabeled, unleased scans by a stored score (see :meth:`Index.top_scored`)."""
-        return self.index.top_scored(
-            column, self.served_splits, TRAINING_TAGS, IMPORTED_TAG, self.hide_imported, now, limit
-        )
-
-    def reference_scores(self, now: float, limit: int) -> list[tuple]:
-        """``(id, grp, embedding)`` of scored scans labeled or leased (diversity and balance)."""
-        return self.index.reference_scores(TRAINING_TAGS, IMPORTED_TAG, self.hide_imported, now, limit)
-
-    def labelled_scores(self, limit: int) -> list[tuple]:
-        """``(id, grp, embedding)`` of scored scans with a live training label."""
-        return self.index.labelled_scores(TRAINING_TAGS, IMPORTED_TAG, self.hide_imported, limit)
-
-    def leased_scores(self, now: float) -> list[tuple]:
-        """``(id, grp, embedding)`` of scored scans under a live lease."""
-        return self.index.leased_scores(now)
-
-    def count_scores(self) -> int:
-        return self.index.count_scores()
-
-    def final_labels_since(self, mark: int) -> tuple[int, int]:
-        # Label history is append-only (every save is a new row): a row id is a monotonic cursor.
-        return self.index.final_labels_since(FINAL_TAG, mark)
-
-    def references_version(self) -> tuple[str, int]:
-        """Changes whenever :meth:`labelled_scores` or :meth:`score_groups` may answer differently."""
-        return str(self.index.path), self.index.change_count("references")
-
-    def score_groups(self) -> dict[str | None, int]:
-        return self.index.score_groups()
-
-    def lease(self, image_id: str, client_id: str, strategy: str, seconds: float, now: float | None = None) -> bool:
-        """Hand a scan to ``client_id`` for ``seconds``; False if another live lease holds it."""
-        now = time.time() if now is None else now
-        return self.index.try_lease(image_id, str(client_id), strategy, now, now + seconds)
-
-    def release_lease(self, image_id: str) -> bool:
-        return self.index.release_leases([image_id]) > 0
-
-    def active_leases(self, now: float | None = None) -> list[dict[str, Any]]:
-        now = time.time() if now is None else now
-        return [
-            {"id": i, "client_id": c, "strategy": s, "ts": ts, "expires": ex}
-            for i, c, s, ts, ex in self.index.leases(now)
-        ]
-
+    # ---- labels ----------------------------------------------------------------------------
     def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
         row = self._row(image_id)
         if row is None:

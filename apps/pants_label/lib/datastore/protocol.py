@@ -4,7 +4,7 @@
 cached listing, metadata, random unlabeled sampling, recent final labels). Both backends
 (:class:`~lib.datastore.pants.PanTSDatastore`, :class:`~lib.datastore.dicomweb.DICOMwebDatastore`)
 subclass it. :class:`ScoredStore` adds what active learning needs beyond that (stored scores,
-leases, the references counter); only the PanTS datastore keeps those. Callers choose with
+leases, the references counter); both backends keep those (:mod:`lib.datastore.indexed`). Callers choose with
 ``isinstance``, never by probing attributes.
 """
 
@@ -51,7 +51,7 @@ class PanTSStore(Datastore, abc.ABC):
 
 
 class ScoredStore(PanTSStore):
-    """A datastore that keeps active-learning scores and leases (the PanTS datastore)."""
+    """A datastore that keeps active-learning scores and leases."""
 
     @abc.abstractmethod
     def store_scores(self, rows: Sequence[dict[str, Any]], info_key: str) -> list[str]: ...

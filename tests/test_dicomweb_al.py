@@ -1,0 +1,181 @@
+"""Active learning over DICOMweb against a real Orthanc: background scoring of PACS series with
+metadata from their DICOM attributes, every strategy leasing distinct series to concurrent
+annotators (answers carry StudyInstanceUID, as OHIF needs), a restart that keeps scores and
+leases, a final label that ends a lease, and a new model that rescores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib.activelearning.scoring import INFO_KEY, model_version
+from lib.core.labelmap import load_labelmap
+from lib.core.settings import load_segmentation_config
+from lib.imaging.dicom_series import stable_uid
+from lib.imaging.metadata import read_metadata
+from lib.model.model_store import model_path, publish
+from lib.model.segmenter import build_network
+from orthanc import Orthanc, require_orthanc
+from pants_tools.phantom import write_pants_tree
+from server import REPO, Server
+
+pytestmark = pytest.mark.server
+
+N = 8  # unlabelled series; one more carries PanTS masks
+LABELED = "PanTS_00000009"
+STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
+AL_YAML = """
+scoring:
+  localize_spacing_mm: null
+  mc_samples: 2
+  watch_interval_s: 1.0
+strategies:
+  lease_minutes: 30
+"""
+
+
+def _publish(path: Path, seed: int) -> None:
+    cfg, lm = load_segmentation_config(), load_labelmap()
+    torch.manual_seed(seed)
+    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, path)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    require_orthanc()
+    base = tmp_path_factory.mktemp("pacs_al")
+    root = base / "PanTS"
+    ids = write_pants_tree(root, N + 1, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=11)
+    orthanc = Orthanc(base / "orthanc", base / "orthanc.log")
+    try:
+        script = [sys.executable, str(REPO / "scripts" / "load_pacs.py"), "--url", orthanc.dicomweb, "--root", str(root)]
+        for extra in (["--cases", LABELED], ["--cases", *[i for i in ids if i != LABELED], "--no-labels"]):
+            proc = subprocess.run(script + extra, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+        model_dir = base / "model"
+        _publish(model_path(model_dir, "fast"), 0)
+        (base / "al.yaml").write_text(AL_YAML)
+        conf = {"model_dir": str(model_dir), "preset": "fast", "datastore_dir": str(base / "state"),
+                "al_config": str(base / "al.yaml")}
+        state = {"root": root, "ids": ids, "orthanc": orthanc, "conf": conf, "base": base, "model_dir": model_dir}
+        state["server"] = Server(orthanc.dicomweb, base / "server.log", conf=conf)
+        yield state
+        state["server"].stop()
+    finally:
+        orthanc.stop()
+
+
+def _info(server: Server) -> dict:
+    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
+
+
+def _wait_scored(server: Server, version: str, timeout: float = 420) -> dict:
+    deadline, al = time.time() + timeout, {}
+    while time.time() < deadline:
+        al = _info(server)["active_learning"]
+        st = al.get("scoring", {})
+        if st.get("state") == "done" and st.get("model_version") == version:
+            return al
+        time.sleep(1)
+    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
+
+
+def test_series_are_scored_in_the_background_with_metadata_from_dicom(pacs: dict) -> None:
+    from monailabel.client import MONAILabelClient
+
+    server = pacs["server"]
+    v1 = model_version(model_path(pacs["model_dir"], "fast"))
+    al = _wait_scored(server, v1)
+    assert al["scored"] == N  # the series with PanTS masks is labelled: not scored
+    meta = read_metadata(next(pacs["root"].glob("metadata.*")))
+    objects = MONAILabelClient(server.url).datastore()["objects"]
+    for case in pacs["ids"]:
+        info = objects[stable_uid(case, "ct")]["image"]["info"]
+        assert info["StudyInstanceUID"] == stable_uid(case, "study")
+        # center and phase read back from InstitutionName / SeriesDescription, as balance needs
+        assert info["center"] == meta[case].center
+        assert info["contrast_phase"] == meta[case].contrast_phase
+        if case != LABELED:  # scored, so downloaded: age and sex come from the series' headers
+            assert info[INFO_KEY]["model_version"] == v1
+            assert info["sex"] == meta[case].sex and info["age"] == pytest.approx(meta[case].age, abs=1)
+    assert LABELED not in {k for k, v in objects.items() if INFO_KEY in v["image"]["info"]}
+
+
+def test_every_strategy_leases_distinct_series_to_concurrent_annotators(pacs: dict) -> None:
+    from monailabel.client import MONAILabelClient
+
+    server = pacs["server"]
+    _wait_scored(server, model_version(model_path(pacs["model_dir"], "fast")))
+    got: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
+    errors: list[BaseException] = []
+
+    def annotator(strategy: str, k: int) -> None:
+        try:
+            got[strategy].append(MONAILabelClient(server.url, client_id=f"{strategy}-{k}").next_sample(strategy, {}))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=annotator, args=(s, k)) for s in STRATEGIES for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    answers = [a for ans in got.values() for a in ans]
+    assert all(len(a) == 2 for a in got.values()), got
+    served = [a["id"] for a in answers]
+    assert len(set(served)) == N == len(served), served  # 8 requests at once, 8 different series
+    assert stable_uid(LABELED, "ct") not in served
+    for a in answers:  # what OHIF's Next Sample opens
+        assert a["StudyInstanceUID"] and a["SeriesInstanceUID"] == a["id"] and a["lease_expires"] > time.time()
+    assert {a["selected_by"] for a in got["uncertainty"]} == {"uncertainty"}  # scores steered it
+    assert MONAILabelClient(server.url, client_id="late").next_sample("hybrid", {}) == {}
+    assert _info(server)["active_learning"]["leases"] == N
+
+
+def test_restart_keeps_scores_and_leases(pacs: dict) -> None:
+    from monailabel.client import MONAILabelClient
+
+    before = _info(pacs["server"])["active_learning"]
+    pacs["server"].stop()
+    pacs["server"] = server = Server(pacs["orthanc"].dicomweb, pacs["base"] / "server2.log", conf=pacs["conf"])
+    after = _info(server)["active_learning"]
+    assert after["leases"] == before["leases"] == N
+    assert after["scored"] == before["scored"] == N
+    assert MONAILabelClient(server.url, client_id="after-restart").next_sample("random", {}) == {}
+
+
+def test_final_label_ends_lease_and_new_model_rescores(pacs: dict, tmp_path: Path) -> None:
+    from monailabel.client import MONAILabelClient
+
+    server = pacs["server"]
+    client = MONAILabelClient(server.url, client_id="saver", tmpdir=str(tmp_path))
+    case = pacs["ids"][0]
+    sid = stable_uid(case, "ct")
+    img = nib.load(pacs["root"] / "ImageTr" / case / "ct.nii.gz")
+    label = np.zeros(img.shape, np.uint8)
+    label[8:14, 8:14, 5:9] = 14
+    f = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, img.affine), f)
+    client.save_label(sid, str(f), tag="final")
+    assert _info(server)["active_learning"]["leases"] == N - 1
+
+    mp = model_path(pacs["model_dir"], "fast")
+    _publish(mp, 1)
+    v2 = model_version(mp)
+    _wait_scored(server, v2)
+    objects = client.datastore()["objects"]
+    versions = {i: o["image"]["info"].get(INFO_KEY, {}).get("model_version") for i, o in objects.items()}
+    assert versions[sid] != v2  # labelled now: not rescored
+    assert sum(v == v2 for v in versions.values()) == N - 1

@@ -3,49 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+
+from pants_tools.processes import free_port, stop_process, wait_until_answers  # noqa: F401 - used by tests
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "pants_label"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:
-    """Terminate ``proc``; kill it if it has not exited after ``grace`` seconds."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def wait_until_answers(proc: subprocess.Popen, url: str, timeout: float, what: str, tail: Callable[[], str]) -> None:
-    """Poll ``url`` until it answers; raise with the log tail if ``proc`` exits or time runs out."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail()}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    stop_process(proc)
-    raise RuntimeError(f"{what} did not answer {url} within {timeout} s:\n{tail()}")
 
 
 class Server:

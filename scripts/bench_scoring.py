@@ -162,7 +162,8 @@ class PacsSource:
 
         from lib.datastore.dicomweb import make_client
 
-        cache = self.out / "peer_cache"
+        # a new folder per run: the peer's file watcher fails when its folder is deleted under it
+        cache = self.out / f"peer_cache_{rep}"
         shutil.rmtree(cache, ignore_errors=True)
         peer = DICOMWebDatastore(make_client(self.orthanc.dicomweb), {"Modality": "CT"}, cache_path=str(cache))
         t0 = time.perf_counter()
@@ -171,6 +172,8 @@ class PacsSource:
 
     def close(self) -> None:
         self.orthanc.stop()
+        for cache in self.out.glob("peer_cache_*"):
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,11 @@ from lib.core.settings import Preset, SegmentationConfig
 from lib.imaging.volume_io import Reorientation, Volume, canonical_spacing, reorientation
 
 logger = logging.getLogger(__name__)
+
+# MONAI's sliding_window_inference indexes its input with a list of slices, which torch 2.13
+# deprecates with a warning on every call (training validation, infer, scoring); the result is
+# the same, so the warning is only noise in the logs.
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
 
 
 def build_network(cfg: SegmentationConfig, num_classes: int) -> SegResNet:

@@ -57,7 +57,7 @@ def test_a_seg_or_a_saved_version_makes_a_series_labelled(tmp_path: Path) -> Non
     assert sorted(r[0] for r in idx.labelled_scores(TRAINING_TAGS, IMPORTED_TAG, False, 10)) == ["1.2.0", "1.2.1"]
     scans = Unlabeled((PACS_SPLIT,), TRAINING_TAGS, IMPORTED_TAG, False, None)
     assert sorted(r[0] for r in idx.unlabeled_with_value(scans, "$.x")) == ["1.2.2", "1.2.3"]
-    assert [r[0] for r in idx.top_scored("priority", (PACS_SPLIT,), TRAINING_TAGS, IMPORTED_TAG, False, 5.0, 5)] == ["1.2.2"]
+    assert [r.image_id for r in idx.top_scored("priority", (PACS_SPLIT,), TRAINING_TAGS, IMPORTED_TAG, False, 5.0, 5)] == ["1.2.2"]
 
 
 def test_a_new_seg_moves_the_change_counters(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_refresh_keeps_header_metadata_and_does_not_rewrite_unchanged_series(tmp
     idx.upsert_series([("1.2.0", {"study": "9.0", "qido": {}, "case": {}})], _path, 2.0)
     assert idx.change_count("listing") == count  # nothing changed: the cached listing stays valid
     idx.upsert_series([("1.2.0", {"study": "9.0", "qido": {"SeriesDescription": "CT"}, "case": {}})], _path, 3.0)
-    meta = loads(idx.image_row("1.2.0")[6])
+    meta = loads(idx.image_row("1.2.0").meta)
     assert meta["headers"] == {"age": 54.0, "sex": "F"} and meta["qido"] == {"SeriesDescription": "CT"}
 
 
@@ -97,10 +97,10 @@ def test_version_1_state_is_migrated_once_with_every_label_version(tmp_path: Pat
     assert not migrate_v1(old, new, _path)  # once
     idx = PacsIndex(new)
     assert idx.image_ids((PACS_SPLIT,)) == ["1.2.0", "1.2.1"]
-    assert loads(idx.image_row("1.2.0")[7]) == {"epistemic": 0.5}
+    assert loads(idx.image_row("1.2.0").info) == {"epistemic": 0.5}
     versions = idx.label_versions("1.2.0", FINAL_TAG)
-    assert [v[0] for v in versions] == [1, 2] and loads(versions[0][4]) == {"seg": "5.0"}
-    assert idx.current_label("1.2.0", FINAL_TAG)[0] == 2
+    assert [v[0] for v in versions] == [1, 2] and loads(versions[0].info) == {"seg": "5.0"}
+    assert idx.current_label("1.2.0", FINAL_TAG).version == 2
     assert idx.latest_seg("1.2.0", FINAL_TAG) == "5.0"
     assert _unlabeled(idx) == ["1.2.1"]
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from lib.datastore.rows import ScoreRef, ScoreRow
 from lib.core.al_config import StrategyConfig
 from lib.datastore.pants import PanTSDatastore
 from pants_tools.phantom import write_pants_tree
@@ -154,20 +155,21 @@ def test_hybrid_sees_a_label_saved_after_its_references_were_cached(ds: PanTSDat
 
 
 def test_references_merge_leased_first_without_duplicates() -> None:
-    leased = References.from_rows([("x", "A", emb(1, 0)), ("y", "B", None)])
-    labelled = References.from_rows([("y", "B", emb(0, 1)), ("z", "A", emb(0, 1)), ("w", "B", emb(1, 1))])
+    leased = References.from_rows([ScoreRef("x", "A", emb(1, 0)), ScoreRef("y", "B", None)])
+    labelled = References.from_rows(
+        [ScoreRef("y", "B", emb(0, 1)), ScoreRef("z", "A", emb(0, 1)), ScoreRef("w", "B", emb(1, 1))])
     both = leased.then(labelled, limit=3)
     assert both.ids == ("x", "y", "z") and both.groups == ("A", "B", "A")
     assert both.valid.tolist() == [True, False, True] and both.dim == 2
     # embeddings of another length (a rescore by a new model half done): the larger set is kept
-    other = References.from_rows([("v", "A", emb(1, 0, 0))])
+    other = References.from_rows([ScoreRef("v", "A", emb(1, 0, 0))])
     mixed = other.then(labelled, limit=10)
     assert mixed.dim == 2 and mixed.valid.tolist() == [False, True, True, True]
 
 
 def test_hybrid_balance_favours_under_represented_centers() -> None:
-    rows = [("x", "v", 0.5, 0.0, 0.5, "A|venous", None), ("y", "v", 0.5, 0.0, 0.5, "B|arterial", None)]
-    refs = [("l1", "A|venous", None), ("l2", "A|venous", None)]
+    rows = [ScoreRow("x", "v", 0.5, 0.0, 0.5, "A|venous", None), ScoreRow("y", "v", 0.5, 0.0, 0.5, "B|arterial", None)]
+    refs = [ScoreRef("l1", "A|venous", None), ScoreRef("l2", "A|venous", None)]
     k, parts = hybrid_choice(rows, refs, {"A|venous": 5, "B|arterial": 5}, StrategyConfig())
     assert rows[k][0] == "y" and parts["balance"] > 0
 

@@ -37,6 +37,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.core.al_config import StrategyConfig
 from lib.datastore.protocol import ScoredStore
+from lib.datastore.rows import ScoreRef, ScoreRow
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +63,16 @@ class References:
     valid: np.ndarray  # (n,) bool
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple]) -> References:
+    def from_rows(cls, rows: Sequence[ScoreRef]) -> References:
         """From ``(id, grp, embedding blob)`` rows; the blobs are decoded in one pass."""
-        sizes = Counter(len(r[2]) for r in rows if r[2])
+        sizes = Counter(len(r.embedding) for r in rows if r.embedding)
         size = sizes.most_common(1)[0][0] if sizes else 0
-        valid = np.array([bool(r[2]) and len(r[2]) == size for r in rows], dtype=bool)
+        valid = np.array([bool(r.embedding) and len(r.embedding) == size for r in rows], dtype=bool)
         emb = np.zeros((len(rows), size // 2), np.float32)
         if valid.any():
-            blob = b"".join(r[2] for r, v in zip(rows, valid) if v)
+            blob = b"".join(r.embedding for r, v in zip(rows, valid) if v)
             emb[valid] = np.frombuffer(blob, dtype=np.float16).reshape(int(valid.sum()), -1)
-        return cls(tuple(r[0] for r in rows), tuple(r[1] for r in rows), emb, valid)
+        return cls(tuple(r.id for r in rows), tuple(r.grp for r in rows), emb, valid)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -167,9 +168,9 @@ class ForegroundRandom(LeasingStrategy):
         if self.rng.random() < self.cfg.fg_fraction:
             rows = datastore.top_scored("lesion_prob", now, self.cfg.fg_pool)
             if rows:
-                w = np.array([max(r[3], 0.0) for r in rows], dtype=np.float64) + 1e-6
+                w = np.array([max(r.lesion_prob, 0.0) for r in rows], dtype=np.float64) + 1e-6
                 k = int(self.rng.choice(len(rows), p=w / w.sum()))
-                return rows[k][0], "foreground", {"lesion_prob": round(float(rows[k][3]), 4)}
+                return rows[k].image_id, "foreground", {"lesion_prob": round(float(rows[k].lesion_prob), 4)}
         return self.random.select(datastore, now, name)
 
 
@@ -187,7 +188,7 @@ class UncertaintyStrategy(LeasingStrategy):
         rows = datastore.top_scored("uncertainty", now, 1)
         if rows:
             r = rows[0]
-            return r[0], "uncertainty", {"uncertainty": round(float(r[2]), 5), "model_version": r[1]}
+            return r.image_id, "uncertainty", {"uncertainty": round(float(r.uncertainty), 5), "model_version": r.model_version}
         return self.fallback.select(datastore, now, name)
 
 
@@ -228,32 +229,32 @@ class HybridStrategy(LeasingStrategy):
             return self.fallback.select(datastore, now, name)
         refs, groups = self._references(datastore, now)
         k, parts = hybrid_choice(rows, refs, groups, self.cfg)
-        return rows[k][0], "hybrid", {"components": parts, "model_version": rows[k][1]}
+        return rows[k].image_id, "hybrid", {"components": parts, "model_version": rows[k].model_version}
 
 
 def hybrid_choice(
-    rows: list[tuple], refs: References | Sequence[tuple], pool_groups: dict[str | None, int], cfg: StrategyConfig
+    rows: list[ScoreRow], refs: References | Sequence[ScoreRef], pool_groups: dict[str | None, int], cfg: StrategyConfig
 ) -> tuple[int, dict[str, float]]:
     """Index of the best candidate and its score components.
 
     Args:
-        rows: candidates ``(id, version, uncertainty, lesion_prob, priority, grp, embedding)``.
-        refs: labelled/leased scans, as :class:`References` or rows ``(id, grp, embedding)``.
+        rows: candidates, best first by priority.
+        refs: labelled/leased scans, as :class:`References` or their rows.
         pool_groups: scored scans per group (the pool's center/phase mix).
     """
     if not isinstance(refs, References):
         refs = References.from_rows(list(refs))
-    prio = np.array([r[4] for r in rows], dtype=np.float64)
+    prio = np.array([r.priority for r in rows], dtype=np.float64)
     u = prio / prio.max() if prio.max() > 0 else np.ones(len(rows))
 
     dim = refs.dim
-    has = [r[6] is not None and len(r[6]) == 2 * dim for r in rows]  # float16 blobs
+    has = [r.embedding is not None and len(r.embedding) == 2 * dim for r in rows]  # float16 blobs
     d = np.zeros(len(rows))
     if dim and any(has):
         cand = np.zeros((len(rows), dim), np.float32)  # a candidate without one: the origin
         for k, r in enumerate(rows):
             if has[k]:
-                cand[k] = np.frombuffer(r[6], dtype=np.float16)
+                cand[k] = np.frombuffer(r.embedding, dtype=np.float16)
         ref = refs.emb[refs.valid]
         # squared distance via dot products: (n_cand x n_ref) stays small (candidates x max_reference)
         d2 = (cand**2).sum(1)[:, None] + (ref**2).sum(1)[None, :] - 2.0 * cand @ ref.T
@@ -264,7 +265,7 @@ def hybrid_choice(
     ref_groups = Counter(refs.groups)
     n_ref = len(refs)
     deficit = np.array(
-        [pool_groups.get(r[5], 0) / total - (ref_groups.get(r[5], 0) / n_ref if n_ref else 0.0) for r in rows]
+        [pool_groups.get(r.grp, 0) / total - (ref_groups.get(r.grp, 0) / n_ref if n_ref else 0.0) for r in rows]
     )
     scale = np.abs(deficit).max()
     b = deficit / scale if scale > 0 else np.zeros(len(rows))

@@ -45,6 +45,7 @@ from lib.datastore.index import loads
 from lib.datastore.indexed import IndexedStore
 from lib.datastore.pacs_index import PACS_SPLIT, PacsIndex, migrate_v1
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG
+from lib.datastore.rows import LabelRow
 from lib.imaging.dicom_seg import check_seg_size, label_to_seg, seg_to_label
 from lib.imaging.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
 from lib.datastore.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
@@ -225,9 +226,9 @@ class DICOMwebDatastore(IndexedStore):
         if row is None:
             self.refresh(force=True)
             row = self.index.image_row(image_id)
-        if row is None or row[1] != PACS_SPLIT:
+        if row is None or row.split != PACS_SPLIT:
             raise DatastoreError(404, f"image {image_id!r}: no such CT series in {self.url}")
-        return loads(row[6]), loads(row[7])
+        return loads(row.meta), loads(row.info)
 
     def _study(self, image_id: str) -> str:
         return str(self._series(image_id)[0]["study"])
@@ -334,8 +335,8 @@ class DICOMwebDatastore(IndexedStore):
         raise bad_request("images live in the PACS: remove the series there (the next listing drops it)")
 
     # ---- labels: reading ------------------------------------------------------------------------
-    def _latest_local(self, image_id: str, tag: str) -> tuple | None:
-        """``(version, path, origin, ts, info)`` of the newest version saved here, or None."""
+    def _latest_local(self, image_id: str, tag: str) -> LabelRow | None:
+        """The newest version saved here, or None."""
         return self.index.current_label(image_id, tag)
 
     def _decode_seg(self, image_id: str, seg_uid: str) -> Path:
@@ -372,15 +373,15 @@ class DICOMwebDatastore(IndexedStore):
             seg = self.index.latest_seg(image_id, tag)
             if seg and not (local is not None and self._local_is_newer(local, seg)):
                 return str(self._decode_seg(image_id, seg))
-        return str(self.state_dir / local[1]) if local else ""
+        return str(self.state_dir / local.path) if local else ""
 
-    def _local_is_newer(self, local: tuple, seg_uid: str) -> bool:
+    def _local_is_newer(self, local: LabelRow, seg_uid: str) -> bool:
         """A version saved here whose SEG the server refused (502) is newer than every SEG made
         before it: it is served from here until a newer SEG appears."""
-        if loads(local[4]).get("seg"):  # its SEG was stored: the SEG listing serves it (or a newer one)
+        if loads(local.info).get("seg"):  # its SEG was stored: the SEG listing serves it (or a newer one)
             return False
         created = self.index.seg_created(seg_uid)
-        saved = time.strftime("%Y%m%d%H%M%S", time.localtime(float(local[3])))
+        saved = time.strftime("%Y%m%d%H%M%S", time.localtime(float(local.ts)))
         return created is None or str(created)[:14] <= saved
 
     def get_label(self, label_id: str, label_tag: str, params: Any = None) -> Any:
@@ -401,7 +402,7 @@ class DICOMwebDatastore(IndexedStore):
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         tag = check_tag(label_tag or FINAL_TAG)
         local = self._latest_local(check_image_id(label_id, "label"), tag)
-        info = {**loads(local[4]), "version": local[0], "ts": local[3]} if local else {}
+        info = {**loads(local.info), "version": local.version, "ts": local.ts} if local else {}
         info.pop("seg", None)
         seg = self.index.latest_seg(label_id, tag) if tag in (FINAL_TAG, IMPORTED_TAG) else None
         if seg:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lib.core.errors import unknown
+from lib.datastore.rows import ImageRow, ImportedRow, LabelRow, LeaseRow, ScanState, ScoreRef, ScoreRow, factory
 from lib.datastore.sqlite_file import SQLiteFile
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ _TRIGGERS = [
     for event in ("INSERT", "UPDATE", "DELETE")
 ]
 
+_IMAGE_COLUMNS = "id, split, path, mask_dir, removed, revealed, meta, info, added_ts"
+
 #: score columns a strategy may rank by
 SCORE_COLUMNS = ("uncertainty", "lesion_prob", "priority")
 
@@ -201,21 +204,67 @@ class Index(SQLiteFile):
             with self.write() as w:
                 w.execute(sql, (key, value))
 
-    # ---- images ------------------------------------------------------------------------------
-    def image_row(self, image_id: str) -> sqlite3.Row | tuple | None:
-        return (
-            self.conn()
-            .execute(
-                "SELECT id, split, path, mask_dir, removed, revealed, meta, info, added_ts FROM images WHERE id = ?",
-                (image_id,),
-            )
-            .fetchone()
-        )
+    def set_meta_many(self, items: dict[str, str]) -> None:
+        with self.write() as db:
+            for key, value in items.items():
+                self.set_meta(key, value, db)
 
-    def scan_state(self, splits: Sequence[str]) -> dict[str, tuple[str, str, str | None, int]]:
-        """``{id: (split, path, mask_dir, removed)}`` for the given splits (what refresh diffs against)."""
+    # ---- images ------------------------------------------------------------------------------
+    def apply_scan(self, changes: "ScanChanges", now: float) -> None:
+        """Apply what a folder scan found, in one transaction. Vanished scans get ``removed = 2``
+        (kept with their history; back to 0 when they return); API removals are ``removed = 1``."""
+        with self.write() as db:
+            db.executemany(
+                "INSERT INTO images (id, split, path, mask_dir, added_ts) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO NOTHING",
+                ((i, s, r, m, now) for i, s, r, m in changes.new),
+            )
+            db.executemany("UPDATE images SET split = ?, path = ?, mask_dir = ? WHERE id = ?", changes.moved)
+            db.executemany("UPDATE images SET removed = 2 WHERE id = ? AND removed = 0", ((i,) for i in changes.missing))
+            db.executemany("UPDATE images SET removed = 0 WHERE id = ? AND removed = 2", ((i,) for i in changes.back))
+
+    def add_uploaded_image(self, image_id: str, path: str, now: float, info: dict[str, Any]) -> None:
+        """An image uploaded through the API (split ``added``); replaces a removed one of that id."""
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO images (id, split, path, added_ts, info) VALUES (?, 'added', ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET split = 'added', path = excluded.path, removed = 0, "
+                "info = excluded.info, mask_dir = NULL",
+                (image_id, path, now, dumps(info)),
+            )
+
+    def mark_removed(self, image_id: str) -> None:
+        with self.write() as db:
+            db.execute("UPDATE images SET removed = 1 WHERE id = ?", (image_id,))
+
+    def all_image_ids(self) -> set[str]:
+        """Every image id the index has ever held (removed ones too)."""
+        return {r[0] for r in self.conn().execute("SELECT id FROM images")}
+
+    def set_metadata(self, rows: dict[str, dict[str, Any]], signature: str) -> None:
+        """Store metadata rows ``{id: metadata}`` and the signature of the file they came from."""
+        with self.write() as db:
+            db.executemany("UPDATE images SET meta = ? WHERE id = ?", ((dumps(m), i) for i, m in rows.items()))
+            self.set_meta("metadata_signature", signature, db)
+
+    def metadata_rows(self, splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{id: metadata}`` of the live images in ``splits``, one query."""
+        q = f"SELECT id, meta FROM images WHERE removed = 0 AND split IN ({_marks(splits)})"
+        return {i: loads(m) for i, m in self.conn().execute(q, tuple(splits))}
+
+    def _rows(self, record: type, sql: str, args: Sequence[Any] = (), db: sqlite3.Connection | None = None) -> sqlite3.Cursor:
+        """A cursor over ``sql`` whose rows are ``record`` named tuples."""
+        cur = (db or self.conn()).cursor()
+        cur.row_factory = factory(record)
+        return cur.execute(sql, tuple(args))
+
+    def image_row(self, image_id: str) -> ImageRow | None:
+        return self._rows(ImageRow, f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+
+    def scan_state(self, splits: Sequence[str]) -> dict[str, ScanState]:
+        """``{id: ScanState}`` for the given splits (what refresh diffs against)."""
         q = f"SELECT id, split, path, mask_dir, removed FROM images WHERE split IN ({_marks(splits)})"
-        return {r[0]: (r[1], r[2], r[3], r[4]) for r in self.conn().execute(q, tuple(splits))}
+        return {r[0]: ScanState(*r[1:]) for r in self.conn().execute(q, tuple(splits))}
 
     def image_ids(self, splits: Sequence[str]) -> list[str]:
         q = f"SELECT id FROM images WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id"
@@ -274,15 +323,10 @@ class Index(SQLiteFile):
         q = f"SELECT COUNT(*) FROM images i WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
         return int(self.conn().execute(q, (*splits, *args)).fetchone()[0])
 
-    def image_rows(self, splits: Sequence[str]) -> list[tuple]:
+    def image_rows(self, splits: Sequence[str]) -> list[ImageRow]:
         """Full rows (with metadata) of the images in ``splits``."""
-        return list(
-            self.conn().execute(
-                "SELECT id, split, path, mask_dir, removed, revealed, meta, info, added_ts FROM images "
-                f"WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id",
-                tuple(splits),
-            )
-        )
+        q = f"SELECT {_IMAGE_COLUMNS} FROM images WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id"
+        return list(self._rows(ImageRow, q, splits))
 
     def unlabeled_with_value(self, scans: "Unlabeled", json_path: str) -> list[tuple[str, Any]]:
         """``[(id, info at json_path)]`` of the ``scans`` (one query; next-sample strategies)."""
@@ -346,18 +390,13 @@ class Index(SQLiteFile):
         return missing
 
     # ---- labels ------------------------------------------------------------------------------
-    def current_label(self, image_id: str, tag: str) -> tuple | None:
-        """``(version, path, origin, ts, info)`` of the live label, or None."""
-        return (
-            self.conn()
-            .execute(
-                "SELECT l.version, l.path, l.origin, l.ts, l.info FROM current c JOIN labels l "
-                "ON l.image_id = c.image_id AND l.tag = c.tag AND l.version = c.version "
-                "WHERE c.image_id = ? AND c.tag = ?",
-                (image_id, tag),
-            )
-            .fetchone()
+    def current_label(self, image_id: str, tag: str) -> LabelRow | None:
+        """The live label version of (image, tag), or None."""
+        q = (
+            "SELECT l.version, l.path, l.origin, l.ts, l.info FROM current c JOIN labels l "
+            "ON l.image_id = c.image_id AND l.tag = c.tag AND l.version = c.version WHERE c.image_id = ? AND c.tag = ?"
         )
+        return self._rows(LabelRow, q, (image_id, tag)).fetchone()
 
     def current_tag_pairs(self) -> list[tuple[str, str]]:
         """``(image id, tag)`` of every live label."""
@@ -370,13 +409,28 @@ class Index(SQLiteFile):
         """Stored paths of every label version (removals have none)."""
         return [p for (p,) in self.conn().execute("SELECT path FROM labels WHERE path IS NOT NULL")]
 
-    def label_versions(self, image_id: str, tag: str) -> list[tuple]:
-        return list(
-            self.conn().execute(
-                "SELECT version, path, origin, ts, info FROM labels WHERE image_id = ? AND tag = ? ORDER BY version",
-                (image_id, tag),
-            )
-        )
+    def label_versions(self, image_id: str, tag: str) -> list[LabelRow]:
+        q = "SELECT version, path, origin, ts, info FROM labels WHERE image_id = ? AND tag = ? ORDER BY version"
+        return list(self._rows(LabelRow, q, (image_id, tag)))
+
+    def imported_label_files(self) -> dict[tuple[str, str], str | None]:
+        """``{(image, tag): path}`` of the version-0 labels (files found in the dataset folder)."""
+        q = "SELECT image_id, tag, path FROM labels WHERE version = 0"
+        return {(r[0], r[1]): r[2] for r in self.conn().execute(q)}
+
+    def drop_imported_label_files(self, db: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
+        """Inside a write transaction: forget version-0 labels whose file left the dataset folder."""
+        for image_id, tag in keys:
+            db.execute("DELETE FROM labels WHERE image_id = ? AND tag = ? AND version = 0", (image_id, tag))
+            db.execute("DELETE FROM current WHERE image_id = ? AND tag = ? AND version = 0", (image_id, tag))
+
+    def remove_current_label(self, image_id: str, tag: str, now: float) -> bool:
+        """End the live label of (image, tag) with a removal entry in its history; False if none is live."""
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM current WHERE image_id = ? AND tag = ?", (image_id, tag)).fetchone() is None:
+                return False
+            self.insert_label(db, image_id, tag, self.next_version(db, image_id, tag), None, "remove", now, {})
+        return True
 
     def next_version(self, db: sqlite3.Connection, image_id: str, tag: str) -> int:
         """Inside a write transaction: the version number the next label of (image, tag) gets."""
@@ -426,18 +480,17 @@ class Index(SQLiteFile):
             )
         return True
 
-    def listing(self, splits: Sequence[str]) -> tuple[int, list[tuple], list[tuple]]:
+    def listing(self, splits: Sequence[str]) -> tuple[int, list[ImageRow], list[tuple]]:
         """The ``listing`` change count, every served image row (without metadata) and every live
         label, one snapshot, for ``json()``."""
         with self.read() as db:
             changes = db.execute("SELECT n FROM changes WHERE name = 'listing'").fetchone()[0]
-            images = list(
-                db.execute(
-                    "SELECT id, split, path, mask_dir, removed, revealed, NULL, info, added_ts FROM images "
-                    f"WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id",
-                    tuple(splits),
-                )
-            )
+            images = list(self._rows(
+                ImageRow,
+                "SELECT id, split, path, mask_dir, removed, revealed, NULL, info, added_ts FROM images "
+                f"WHERE removed = 0 AND split IN ({_marks(splits)}) ORDER BY id",
+                splits, db,
+            ))
             labels = list(
                 db.execute(
                     "SELECT c.image_id, c.tag, l.version, l.ts, l.info FROM current c JOIN labels l "
@@ -522,11 +575,10 @@ class Index(SQLiteFile):
         hide_imported: bool,
         now: float,
         limit: int,
-    ) -> list[tuple]:
+    ) -> list[ScoreRow]:
         """Unlabeled, unleased served scans with the highest ``column`` score, best first.
 
-        Rows: ``(id, model_version, uncertainty, lesion_prob, priority, grp, embedding)``. The
-        walk follows the score's index, so the cost depends on ``limit``, not the pool size.
+        The walk follows the score's index, so the cost depends on ``limit``, not the pool size.
         """
         if column not in SCORE_COLUMNS:
             raise ValueError(unknown("score column", column, SCORE_COLUMNS))
@@ -539,7 +591,7 @@ class Index(SQLiteFile):
             f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where} "
             f"ORDER BY s.{column} DESC LIMIT ?"
         )
-        return list(self.conn().execute(q, (*splits, *args, int(limit))))
+        return list(self._rows(ScoreRow, q, (*splits, *args, int(limit))))
 
     def change_count(self, name: str = "references") -> int:
         """A counter the triggers bump on every change that matters to ``name`` (cache key)."""
@@ -548,8 +600,8 @@ class Index(SQLiteFile):
 
     def labelled_scores(
         self, tags: Sequence[str], imported_tag: str, hide_imported: bool, limit: int
-    ) -> list[tuple[str, str | None, bytes | None]]:
-        """``(id, grp, embedding)`` of scored scans with a live label (imported masks if visible).
+    ) -> list[ScoreRef]:
+        """Scored scans with a live label (imported masks if visible).
 
         Built from the small sets (live labels, revealed scans), not a pass over the pool.
         """
@@ -560,7 +612,7 @@ class Index(SQLiteFile):
             f"SELECT s.image_id, s.grp, s.embedding FROM ({' UNION '.join(parts)}) r "
             "JOIN scores s ON s.image_id = r.id LIMIT ?"
         )
-        return list(self.conn().execute(q, (*args, int(limit))))
+        return list(self._rows(ScoreRef, q, (*args, int(limit))))
 
     def _labelled_id_sets(
         self, tags: Sequence[str], imported_tag: str, hide_imported: bool
@@ -579,21 +631,21 @@ class Index(SQLiteFile):
                 parts.append("SELECT id FROM images WHERE mask_dir IS NOT NULL")
         return parts, args
 
-    def leased_scores(self, now: float) -> list[tuple[str, str | None, bytes | None]]:
-        """``(id, grp, embedding)`` of scored scans under a lease live at ``now``."""
+    def leased_scores(self, now: float) -> list[ScoreRef]:
+        """Scored scans under a lease live at ``now``."""
         q = (
             "SELECT s.image_id, s.grp, s.embedding FROM leases l JOIN scores s ON s.image_id = l.image_id "
             "WHERE l.expires > ?"
         )
-        return list(self.conn().execute(q, (now,)))
+        return list(self._rows(ScoreRef, q, (now,)))
 
     def reference_scores(
         self, tags: Sequence[str], imported_tag: str, hide_imported: bool, now: float, limit: int
-    ) -> list[tuple[str, str | None, bytes | None]]:
-        """``(id, grp, embedding)`` of scored scans that are labeled or under a live lease (leased first)."""
+    ) -> list[ScoreRef]:
+        """Scored scans that are labeled or under a live lease (leased first)."""
         leased = self.leased_scores(now)
-        seen = {r[0] for r in leased}
-        labelled = [r for r in self.labelled_scores(tags, imported_tag, hide_imported, limit) if r[0] not in seen]
+        seen = {r.id for r in leased}
+        labelled = [r for r in self.labelled_scores(tags, imported_tag, hide_imported, limit) if r.id not in seen]
         return (leased + labelled)[: int(limit)]
 
     def score_groups(self) -> dict[str | None, int]:
@@ -618,22 +670,15 @@ class Index(SQLiteFile):
         with self.write() as w:
             return w.executemany(sql, ((i,) for i in image_ids)).rowcount
 
-    def leases(self, now: float) -> list[tuple[str, str, str, float, float]]:
-        """Live leases ``(id, client_id, strategy, ts, expires)``, oldest first (expired rows are ignored)."""
-        return list(
-            self.conn().execute(
-                "SELECT image_id, client_id, strategy, ts, expires FROM leases WHERE expires > ? ORDER BY ts", (now,)
-            )
-        )
+    def leases(self, now: float) -> list[LeaseRow]:
+        """Live leases, oldest first (expired rows are ignored)."""
+        q = "SELECT image_id, client_id, strategy, ts, expires FROM leases WHERE expires > ? ORDER BY ts"
+        return list(self._rows(LeaseRow, q, (now,)))
 
     # ---- imported (PanTS masks) cache ---------------------------------------------------------
-    def imported_row(self, image_id: str) -> tuple | None:
-        """``(signature, path, ts, info)`` or None."""
-        return (
-            self.conn()
-            .execute("SELECT signature, path, ts, info FROM imported WHERE image_id = ?", (image_id,))
-            .fetchone()
-        )
+    def imported_row(self, image_id: str) -> ImportedRow | None:
+        q = "SELECT signature, path, ts, info FROM imported WHERE image_id = ?"
+        return self._rows(ImportedRow, q, (image_id,)).fetchone()
 
     def set_imported_cache(self, image_id: str, signature: str, path: str, ts: float) -> None:
         with self.write() as db:
@@ -676,6 +721,17 @@ def _and_unleased(where: str, args: list[Any], at: float | None) -> tuple[str, l
 
 
 @dataclass(frozen=True)
+class ScanChanges:
+    """What a folder scan found against the index: ``new`` ``(id, split, path, mask_dir)`` rows,
+    ``moved`` ``(split, path, mask_dir, id)`` updates, ``missing`` and ``back`` (returned) ids."""
+
+    new: Sequence[tuple[str, str, str, str | None]]
+    moved: Sequence[tuple[str, str, str | None, str]]
+    missing: Sequence[str]
+    back: Sequence[str]
+
+
+@dataclass(frozen=True)
 class Unlabeled:
     """Which scans a next-sample query draws from: live, in ``splits``, without a label of
     ``tags`` (imported masks count unless ``hide_imported``), and not leased at ``unleased_at``."""
@@ -697,4 +753,4 @@ def placeholders(seq: Sequence[Any]) -> str:
 _marks = placeholders
 
 
-__all__ = ["Index", "Unlabeled", "dumps", "loads", "placeholders", "SCHEMA_VERSION", "SCORE_COLUMNS"]
+__all__ = ["Index", "ScanChanges", "Unlabeled", "dumps", "loads", "placeholders", "SCHEMA_VERSION", "SCORE_COLUMNS"]

@@ -162,8 +162,8 @@ class IndexedStore(ScoredStore):
     def active_leases(self, now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now
         return [
-            {"id": i, "client_id": c, "strategy": s, "ts": ts, "expires": ex}
-            for i, c, s, ts, ex in self.index.leases(now)
+            {"id": r.image_id, "client_id": r.client_id, "strategy": r.strategy, "ts": r.ts, "expires": r.expires}
+            for r in self.index.leases(now)
         ]
 
     def image_info_values(self, key: str) -> dict[str, Any]:

@@ -49,7 +49,8 @@ import numpy as np
 
 from lib.core.atomic import atomic_write, commit, staged
 from lib.core.config_errors import ConfigError
-from lib.datastore.index import Index, dumps, loads
+from lib.datastore.index import Index, ScanChanges, dumps, loads
+from lib.datastore.rows import ImageRow
 from lib.datastore.indexed import IndexedStore
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS
 from lib.datastore.label_upload import (
@@ -184,11 +185,10 @@ class PanTSDatastore(IndexedStore):
     def _check_root_matches(self, state_dir: str | os.PathLike | None) -> None:
         known = self.index.get_meta("root")
         if known is None:
-            with self.index.write() as db:
-                self.index.set_meta("root", str(self.root), db)
-                self.index.set_meta("layout", self.layout, db)
-                self.index.set_meta("name", self.root.name or "PanTS", db)
-                self.index.set_meta("description", f"{self.layout} datastore over {self.root}", db)
+            self.index.set_meta_many({
+                "root": str(self.root), "layout": self.layout, "name": self.root.name or "PanTS",
+                "description": f"{self.layout} datastore over {self.root}",
+            })
         elif known != str(self.root) and state_dir:
             raise ConfigError(
                 f"datastore_dir {str(self.state_dir)!r} already indexes {known!r}; "
@@ -252,15 +252,7 @@ class PanTSDatastore(IndexedStore):
                 missing.append(image_id)
         now = time.time()
         if new_rows or updates or missing or back:
-            with self.index.write() as db:
-                db.executemany(
-                    "INSERT INTO images (id, split, path, mask_dir, added_ts) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO NOTHING",
-                    ((i, s, r, m, now) for i, s, r, m in new_rows),
-                )
-                db.executemany("UPDATE images SET split = ?, path = ?, mask_dir = ? WHERE id = ?", updates)
-                db.executemany("UPDATE images SET removed = 2 WHERE id = ? AND removed = 0", ((i,) for i in missing))
-                db.executemany("UPDATE images SET removed = 0 WHERE id = ? AND removed = 2", ((i,) for i in back))
+            self.index.apply_scan(ScanChanges(new_rows, updates, missing, back), now)
         if self.layout == "flat":
             self._refresh_flat_labels()
         self._refresh_metadata(force=bool(new_rows))
@@ -284,7 +276,7 @@ class PanTSDatastore(IndexedStore):
                     logger.warning("scan %s is in both ImageTr and ImageTe; serving the ImageTr copy", image_id)
                     continue
                 old = known.get(image_id)
-                if old is not None and old[0] == split and old[3] != 2:
+                if old is not None and old.split == split and old.removed != 2:
                     image_rel = old[1]  # known scan: trust its file (no stat per scan on re-open)
                 else:
                     found = next((n for n in _IMAGE_NAMES if (self.root / img_dir / image_id / n).is_file()), None)
@@ -294,7 +286,7 @@ class PanTSDatastore(IndexedStore):
                 mask_dir = None
                 if image_id in label_ids:
                     rel = f"{_ROOT}{lab_dir}/{image_id}/segmentations"
-                    if old is not None and old[2] == rel:
+                    if old is not None and old.mask_dir == rel:
                         mask_dir = rel
                     elif self._mask_files(rel):
                         mask_dir = rel
@@ -331,8 +323,7 @@ class PanTSDatastore(IndexedStore):
                 parsed = _strip_ext(name, self._exts)
                 if parsed:
                     found[(parsed[0], tag)] = f"{_ROOT}labels/{tag}/{name}"
-        c = self.index.conn()
-        have = {(r[0], r[1]): r[2] for r in c.execute("SELECT image_id, tag, path FROM labels WHERE version = 0")}
+        have = self.index.imported_label_files()
         images = set(self.index.image_ids(("flat",)))
         add = [(k, p) for k, p in found.items() if k not in have and k[0] in images]
         gone = [k for k, p in have.items() if p and p.startswith(_ROOT) and k not in found]
@@ -346,9 +337,7 @@ class PanTSDatastore(IndexedStore):
                 self.index.insert_label(
                     db, image_id, tag, 0, path, "import", now, {"name": Path(path).name, "source": "imported file"}
                 )
-            for image_id, tag in gone:
-                db.execute("DELETE FROM labels WHERE image_id = ? AND tag = ? AND version = 0", (image_id, tag))
-                db.execute("DELETE FROM current WHERE image_id = ? AND tag = ? AND version = 0", (image_id, tag))
+            self.index.drop_imported_label_files(db, gone)
 
     def _refresh_metadata(self, force: bool) -> None:
         from lib.imaging.metadata import find_metadata, read_metadata
@@ -365,12 +354,9 @@ class PanTSDatastore(IndexedStore):
             table = read_metadata(path)
         except ValueError as err:
             raise ConfigError(f"metadata file: {err}") from None
-        ids = set(self.index.conn().execute("SELECT id FROM images").fetchall())
-        ids = {r[0] for r in ids}
-        rows = [(dumps(m.info()), cid) for cid, m in table.items() if cid in ids]
-        with self.index.write() as db:
-            db.executemany("UPDATE images SET meta = ? WHERE id = ?", rows)
-            self.index.set_meta("metadata_signature", sig, db)
+        ids = self.index.all_image_ids()
+        rows = {cid: m.info() for cid, m in table.items() if cid in ids}
+        self.index.set_metadata(rows, sig)
         logger.info("metadata %s: %d rows, %d matched scans (%.2f s)", path, len(table), len(rows),
                     time.perf_counter() - t0)
 
@@ -388,23 +374,23 @@ class PanTSDatastore(IndexedStore):
         self.index.set_meta("description", str(description))
 
     # ---- images ------------------------------------------------------------------------------
-    def _row(self, image_id: str) -> tuple | None:
+    def _row(self, image_id: str) -> ImageRow | None:
         if not isinstance(image_id, str):
             return None
         row = self.index.image_row(image_id)
-        return row if row is not None and row[4] == 0 else None
+        return row if row is not None and row.removed == 0 else None
 
-    def _require(self, image_id: str) -> tuple:
+    def _require(self, image_id: str) -> ImageRow:
         check_image_id(image_id)
         row = self._row(image_id)
         if row is None:
             raise DatastoreError(404, f"image {image_id!r} not found in the datastore")
         return row
 
-    def _imported_visible(self, row: tuple) -> bool:
-        return row[3] is not None and (not self.hide_imported or bool(row[5]) or row[1] == "test")
+    def _imported_visible(self, row: ImageRow) -> bool:
+        return row.mask_dir is not None and (not self.hide_imported or bool(row.revealed) or row.split == "test")
 
-    def _compose_info(self, row: tuple, with_path: bool = True) -> dict[str, Any]:
+    def _compose_info(self, row: ImageRow, with_path: bool = True) -> dict[str, Any]:
         image_id, split, path, mask_dir, _, revealed, meta, info, added_ts = row
         ext = ".nii.gz" if path.endswith(".nii.gz") else Path(path).suffix
         out: dict[str, Any] = {"name": f"{image_id}{ext}", "split": split, "ts": int(added_ts)}
@@ -432,7 +418,7 @@ class PanTSDatastore(IndexedStore):
 
     def split_of(self, image_id: str) -> str | None:
         row = self._row(image_id)
-        return row[1] if row else None
+        return row.split if row else None
 
     def get_image(self, image_id: str, params: Any = None) -> Any:
         uri = self.get_image_uri(image_id)
@@ -440,7 +426,7 @@ class PanTSDatastore(IndexedStore):
 
     def get_image_uri(self, image_id: str) -> str:
         row = self._row(image_id)
-        return self._abs_str(row[2]) if row else ""
+        return self._abs_str(row.path) if row else ""
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         """Name, path, split, metadata (center, contrast_phase, age, sex, spacing, diagnosis, tumor),
@@ -451,13 +437,11 @@ class PanTSDatastore(IndexedStore):
     def get_metadata(self, image_id: str) -> dict[str, Any]:
         """The metadata file's row for a scan (empty when it has none)."""
         row = self._row(image_id)
-        return loads(row[6]) if row else {}
+        return loads(row.meta) if row else {}
 
     def metadata_table(self, split: str | None = None) -> dict[str, dict[str, Any]]:
         """``{id: metadata}`` for all served scans (or one split), one query."""
-        splits = (split,) if split else self.served_splits
-        q = f"SELECT id, meta FROM images WHERE removed = 0 AND split IN ({', '.join('?' * len(splits))})"
-        return {i: loads(m) for i, m in self.index.conn().execute(q, splits)}
+        return self.index.metadata_rows((split,) if split else self.served_splits)
 
     def get_images_info(self, image_ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Image info of many scans in one query (``None``: all served scans)."""
@@ -465,7 +449,7 @@ class PanTSDatastore(IndexedStore):
             rows = self.index.image_rows(self.served_splits)
         else:
             rows = [r for r in (self._row(i) for i in image_ids) if r is not None]
-        return {r[0]: self._compose_info(r) for r in rows}
+        return {r.id: self._compose_info(r) for r in rows}
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         """Merge ``info`` into the scan's stored info (atomic across threads and processes)."""
@@ -487,22 +471,15 @@ class PanTSDatastore(IndexedStore):
         ext = ".nii" if hdr.gzip_from is None else ".nii.gz"
         dest = self.state_dir / "images" / f"{image_id}{ext}"
         atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
-        with self.index.write() as db:
-            db.execute(
-                "INSERT INTO images (id, split, path, added_ts, info) VALUES (?, 'added', ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET split = 'added', path = excluded.path, removed = 0, "
-                "info = excluded.info, mask_dir = NULL",
-                (image_id, self._state_rel(dest), time.time(), dumps(dict(image_info or {}))),
-            )
+        self.index.add_uploaded_image(image_id, self._state_rel(dest), time.time(), dict(image_info or {}))
         return image_id
 
     def remove_image(self, image_id: str) -> None:
         """Hide a scan from the datastore. Dataset files are never deleted; labels stay in history."""
         row = self._require(image_id)
-        with self.index.write() as db:
-            db.execute("UPDATE images SET removed = 1 WHERE id = ?", (image_id,))
-        if row[1] == "added":
-            self._abs(row[2]).unlink(missing_ok=True)
+        self.index.mark_removed(image_id)
+        if row.split == "added":
+            self._abs(row.path).unlink(missing_ok=True)
 
     # ---- labels ----------------------------------------------------------------------------
     def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
@@ -532,7 +509,7 @@ class PanTSDatastore(IndexedStore):
             path = self.consolidate_imported(label_id)
             return str(path) if path else ""
         cur = self.index.current_label(label_id, label_tag)
-        return self._abs_str(cur[1]) if cur else ""
+        return self._abs_str(cur.path) if cur else ""
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         row = self._row(label_id)
@@ -542,24 +519,25 @@ class PanTSDatastore(IndexedStore):
             if not self._imported_visible(row):
                 return {}
             imp = self.index.imported_row(label_id)
-            info = {"source": "PanTS per-structure masks", "mask_dir": str(self._abs(row[3]))}
+            info = {"source": "PanTS per-structure masks", "mask_dir": str(self._abs(row.mask_dir))}
             if imp:
-                info.update(loads(imp[3]))
-                if imp[2]:
-                    info["ts"] = int(imp[2])
+                info.update(loads(imp.info))
+                if imp.ts:
+                    info["ts"] = int(imp.ts)
             return info
         cur = self.index.current_label(label_id, label_tag)
         if cur is None:
             return {}
-        info = loads(cur[4])
-        info.update({"version": cur[0], "ts": int(cur[3]), "origin": cur[2]})
+        info = loads(cur.info)
+        info.update({"version": cur.version, "ts": int(cur.ts), "origin": cur.origin})
         return info
 
     def label_versions(self, image_id: str, tag: str = FINAL_TAG) -> list[dict[str, Any]]:
         """History of a scan's labels under ``tag``, oldest first; a removal has ``path`` None."""
         return [
-            {"version": v, "path": str(self._abs(p)) if p else None, "origin": o, "ts": ts, "info": loads(i)}
-            for v, p, o, ts, i in self.index.label_versions(image_id, tag)
+            {"version": r.version, "path": str(self._abs(r.path)) if r.path else None, "origin": r.origin,
+             "ts": r.ts, "info": loads(r.info)}
+            for r in self.index.label_versions(image_id, tag)
         ]
 
     def stored_label_files(self) -> set[Path]:
@@ -589,7 +567,7 @@ class PanTSDatastore(IndexedStore):
             raise bad_request(f"tag {tag!r} is reserved for the labels imported from the PanTS masks; use 'final'")
         params = dict(label_info or {})
         row = self._require(image_id)
-        image = read_geometry(self._abs(row[2]))
+        image = read_geometry(self._abs(row.path))
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)
 
         folder = self.state_dir / "labels" / tag / image_id
@@ -627,11 +605,8 @@ class PanTSDatastore(IndexedStore):
         if tag == IMPORTED_TAG:
             raise bad_request("the imported PanTS labels are read-only; start with hide_imported_labels instead")
         self._require(label_id)
-        with self.index.write() as db:
-            if db.execute("SELECT 1 FROM current WHERE image_id = ? AND tag = ?", (label_id, tag)).fetchone() is None:
-                raise DatastoreError(404, f"no {tag!r} label for image {label_id!r}")
-            version = self.index.next_version(db, label_id, tag)
-            self.index.insert_label(db, label_id, tag, version, None, "remove", time.time(), {})
+        if not self.index.remove_current_label(label_id, tag, time.time()):
+            raise DatastoreError(404, f"no {tag!r} label for image {label_id!r}")
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         row = self._require(label_id)
@@ -670,11 +645,11 @@ class PanTSDatastore(IndexedStore):
             DatastoreError: 422 when a mask's shape differs from the image's.
         """
         row = self._row(image_id)
-        if row is None or row[3] is None:
+        if row is None or row.mask_dir is None:
             return None
         dest = self.state_dir / "cache" / IMPORTED_TAG / f"{image_id}.nii.gz"
         with self._lock(image_id):
-            masks = self._mask_files(row[3])
+            masks = self._mask_files(row.mask_dir)
             unknown = sorted(set(masks) - set(self.lm.names))
             for name in unknown:
                 masks.pop(name)
@@ -682,10 +657,10 @@ class PanTSDatastore(IndexedStore):
                 return None
             sig = self._mask_signature(masks)
             cached = self.index.imported_row(image_id)
-            if cached and cached[0] == sig and dest.is_file():
+            if cached and cached.signature == sig and dest.is_file():
                 return dest
             t0 = time.perf_counter()
-            image = read_geometry(self._abs(row[2]))
+            image = read_geometry(self._abs(row.path))
             proxies = {}
             for name, path in masks.items():
                 proxy = nib.load(str(path)).dataobj  # lazy: consolidate loads one mask at a time
@@ -706,7 +681,7 @@ class PanTSDatastore(IndexedStore):
     def reveal_imported(self, image_id: str) -> None:
         """Show a scan's PanTS masks while ``hide_imported_labels`` is on (persists in the index)."""
         row = self._require(image_id)
-        if row[3] is None:
+        if row.mask_dir is None:
             raise DatastoreError(404, f"image {image_id!r} has no imported PanTS masks to reveal")
         self.index.set_revealed([image_id], True)
         self.index.release_leases([image_id])
@@ -727,7 +702,7 @@ class PanTSDatastore(IndexedStore):
     def has_imported_labels(self, image_id: str) -> bool:
         """Whether a scan has PanTS masks at all (visible or hidden)."""
         row = self._row(image_id)
-        return bool(row and row[3] is not None)
+        return bool(row and row.mask_dir is not None)
 
     # ---- training list, status, listing -------------------------------------------------------
     def datalist(self, full_path: bool = True, tags: Sequence[str] = TRAINING_TAGS) -> list[dict[str, Any]]:
@@ -809,7 +784,7 @@ class PanTSDatastore(IndexedStore):
             by_image.setdefault(image_id, {})[tag] = {"ext": ".nii.gz", "info": d}
         objects = {}
         for row in images:
-            image_id = row[0]
+            image_id = row.id
             labs = by_image.get(image_id, {})
             if self._imported_visible(row):
                 labs[IMPORTED_TAG] = {"ext": ".nii.gz", "info": {"source": "PanTS per-structure masks"}}

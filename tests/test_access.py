@@ -24,7 +24,7 @@ import requests
 import urllib3
 
 from pants_tools.access import login_client
-from lib.server.guards import host_given
+from lib.server.bind import host_given
 from pants_tools.phantom import write_pants_tree
 from server import APP_DIR, REPO, free_port, stop_process
 

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from lib.core.errors import ClientError, ConfigError, look_up, unknown
-from lib.server.guards import (
+from lib.server.bind import host_given
+from lib.server.checks import (
     MAX_ABS_NUMBER,
     MAX_FILENAME_BYTES,
     Route,
@@ -17,7 +18,6 @@ from lib.server.guards import (
     check_query_ints,
     check_range,
     classify,
-    host_given,
     parse_json_object,
 )
 

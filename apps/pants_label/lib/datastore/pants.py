@@ -49,7 +49,17 @@ import numpy as np
 
 from lib.core.atomic import atomic_write, commit, staged
 from lib.core.config_errors import ConfigError
-from lib.datastore.index import Index, ScanChanges, dumps, loads
+from lib.datastore.folder_scan import (
+    ROOT,
+    STATE,
+    detect_layout,
+    diff,
+    flat_label_files,
+    mask_files,
+    scan_folder,
+    strip_ext,
+)
+from lib.datastore.index import Index, dumps, loads
 from lib.datastore.rows import ImageRow
 from lib.datastore.indexed import IndexedStore
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS
@@ -83,34 +93,6 @@ def _gc_paused():
 
 STATE_DIRNAME = ".pants_label"
 INDEX_NAME = "index.sqlite"
-
-_PANTS_SPLITS = {"train": ("ImageTr", "LabelTr"), "test": ("ImageTe", "LabelTe")}
-_IMAGE_NAMES = ("ct.nii.gz", "ct.nii")
-_MASK_SUFFIXES = (".nii.gz", ".nii")
-_ROOT, _STATE = "@root/", "@state/"
-
-
-def detect_layout(root: str | os.PathLike) -> str:
-    """``"pants"`` when ``root`` has ``ImageTr/`` or ``ImageTe/``, else ``"flat"``."""
-    root = Path(root)
-    return "pants" if any((root / d).is_dir() for d, _ in _PANTS_SPLITS.values()) else "flat"
-
-
-def _strip_ext(name: str, exts: Sequence[str]) -> tuple[str, str] | None:
-    for ext in exts:
-        if name.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], ext
-    return None
-
-
-def _scandir_names(path: Path, dirs: bool) -> list[str]:
-    """Entry names (no hidden ones); ``is_dir`` uses d_type, so no stat per entry."""
-    try:
-        with os.scandir(path) as it:
-            return [e.name for e in it if not e.name.startswith(".") and e.is_dir() == dirs]
-    except FileNotFoundError:
-        return []
-
 
 class PanTSDatastore(IndexedStore):
     """MONAI Label ``Datastore`` over a PanTS root or a flat NIfTI folder, indexed in SQLite.
@@ -203,12 +185,12 @@ class PanTSDatastore(IndexedStore):
 
     def _abs_str(self, stored: str) -> str:
         # plain string joins: pathlib costs ~5 us a call, which adds up over 36k scans
-        if stored.startswith(_STATE):
-            return f"{self._state_str}/{stored[len(_STATE):]}"
-        return f"{self._root_str}/{stored[len(_ROOT):]}"
+        if stored.startswith(STATE):
+            return f"{self._state_str}/{stored[len(STATE):]}"
+        return f"{self._root_str}/{stored[len(ROOT):]}"
 
     def _state_rel(self, path: Path) -> str:
-        return _STATE + path.relative_to(self.state_dir).as_posix()
+        return STATE + path.relative_to(self.state_dir).as_posix()
 
     @property
     def served_splits(self) -> tuple[str, ...]:
@@ -231,34 +213,17 @@ class PanTSDatastore(IndexedStore):
         Scans that vanish keep their row (info, scores, label history) and come back if they return.
         """
         t0 = time.perf_counter()
-        if self.layout == "pants":
-            scanned = self._scan_pants()
-        else:
-            scanned = self._scan_flat()
         known = self.index.scan_state(self._managed_splits)
-        new_rows, updates, missing, back = [], [], [], []
-        for image_id, (split, rel, mask_dir) in scanned.items():
-            old = known.get(image_id)
-            if old is None:
-                new_rows.append((image_id, split, rel, mask_dir))
-                continue
-            old_split, old_rel, old_mask, removed = old
-            if removed == 2:
-                back.append(image_id)
-            if (old_split, old_rel, old_mask) != (split, rel, mask_dir):
-                updates.append((split, rel, mask_dir, image_id))
-        for image_id, (_, _, _, removed) in known.items():
-            if image_id not in scanned and removed == 0:
-                missing.append(image_id)
-        now = time.time()
-        if new_rows or updates or missing or back:
-            self.index.apply_scan(ScanChanges(new_rows, updates, missing, back), now)
+        scanned = scan_folder(self.root, self.layout, self._exts, known)
+        changes = diff(scanned, known)
+        if changes.new or changes.moved or changes.missing or changes.back:
+            self.index.apply_scan(changes, time.time())
         if self.layout == "flat":
             self._refresh_flat_labels()
-        self._refresh_metadata(force=bool(new_rows))
+        self._refresh_metadata(force=bool(changes.new))
         logger.info(
             "datastore %s (%s): %d scans indexed (%d new, %d missing) in %.2f s",
-            self.root, self.layout, len(scanned), len(new_rows), len(missing), time.perf_counter() - t0,
+            self.root, self.layout, len(scanned), len(changes.new), len(changes.missing), time.perf_counter() - t0,
         )
 
     @property
@@ -266,67 +231,13 @@ class PanTSDatastore(IndexedStore):
         """Splits that mirror the dataset folder (``added`` images are the datastore's own)."""
         return ("train", "test") if self.layout == "pants" else ("flat",)
 
-    def _scan_pants(self) -> dict[str, tuple[str, str, str | None]]:
-        known = self.index.scan_state(("train", "test"))
-        out: dict[str, tuple[str, str, str | None]] = {}
-        for split, (img_dir, lab_dir) in _PANTS_SPLITS.items():
-            label_ids = set(_scandir_names(self.root / lab_dir, dirs=True))
-            for image_id in _scandir_names(self.root / img_dir, dirs=True):
-                if image_id in out:
-                    logger.warning("scan %s is in both ImageTr and ImageTe; serving the ImageTr copy", image_id)
-                    continue
-                old = known.get(image_id)
-                if old is not None and old.split == split and old.removed != 2:
-                    image_rel = old[1]  # known scan: trust its file (no stat per scan on re-open)
-                else:
-                    found = next((n for n in _IMAGE_NAMES if (self.root / img_dir / image_id / n).is_file()), None)
-                    if found is None:
-                        continue
-                    image_rel = f"{_ROOT}{img_dir}/{image_id}/{found}"
-                mask_dir = None
-                if image_id in label_ids:
-                    rel = f"{_ROOT}{lab_dir}/{image_id}/segmentations"
-                    if old is not None and old.mask_dir == rel:
-                        mask_dir = rel
-                    elif self._mask_files(rel):
-                        mask_dir = rel
-                out[image_id] = (split, image_rel, mask_dir)
-        return out
-
-    def _scan_flat(self) -> dict[str, tuple[str, str, str | None]]:
-        out: dict[str, tuple[str, str, str | None]] = {}
-        for name in sorted(_scandir_names(self.root, dirs=False)):
-            parsed = _strip_ext(name, self._exts)
-            if parsed is None:
-                continue
-            image_id = parsed[0]
-            try:
-                check_image_id(image_id)
-            except DatastoreError:
-                logger.warning("skipping %s: its name is not a usable image id", name)
-                continue
-            out[image_id] = ("flat", _ROOT + name, None)
-        return out
-
     def _refresh_flat_labels(self) -> None:
         """Existing ``labels/<tag>/<id>.nii.gz`` become version 0 of that tag (read in place)."""
-        labels_dir = self.root / "labels"
-        found: dict[tuple[str, str], str] = {}
-        for tag in _scandir_names(labels_dir, dirs=True):
-            try:
-                check_tag(tag)
-            except DatastoreError:
-                continue
-            if tag == IMPORTED_TAG:
-                continue
-            for name in _scandir_names(labels_dir / tag, dirs=False):
-                parsed = _strip_ext(name, self._exts)
-                if parsed:
-                    found[(parsed[0], tag)] = f"{_ROOT}labels/{tag}/{name}"
+        found = flat_label_files(self.root, self._exts)
         have = self.index.imported_label_files()
         images = set(self.index.image_ids(("flat",)))
         add = [(k, p) for k, p in found.items() if k not in have and k[0] in images]
-        gone = [k for k, p in have.items() if p and p.startswith(_ROOT) and k not in found]
+        gone = [k for k, p in have.items() if p and p.startswith(ROOT) and k not in found]
         if not add and not gone:
             return
         now = time.time()
@@ -460,7 +371,7 @@ class PanTSDatastore(IndexedStore):
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Copy an uploaded image into ``state_dir/images`` (the dataset folder is never written)."""
         src = Path(image_filename)
-        parsed = _strip_ext(src.name, self._exts) or (src.stem, "".join(src.suffixes))
+        parsed = strip_ext(src.name, self._exts) or (src.stem, "".join(src.suffixes))
         image_id = check_image_id(image_id or parsed[0])
         existing = self.index.image_row(image_id)
         if existing is not None and existing[4] != 1:
@@ -620,13 +531,7 @@ class PanTSDatastore(IndexedStore):
 
     # ---- imported PanTS masks ----------------------------------------------------------------
     def _mask_files(self, mask_dir: str) -> dict[str, Path]:
-        folder = self._abs(mask_dir)
-        out = {}
-        for name in _scandir_names(folder, dirs=False):
-            parsed = _strip_ext(name, _MASK_SUFFIXES)
-            if parsed and not parsed[0].startswith("."):
-                out[parsed[0]] = folder / name
-        return out
+        return mask_files(self._abs(mask_dir))
 
     def _mask_signature(self, masks: dict[str, Path]) -> str:
         h = hashlib.sha1(self._lm_fingerprint.encode())

@@ -27,7 +27,8 @@ from pathlib import Path
 
 
 from lib.core.config_errors import ConfigError
-from lib.datastore.pants import FINAL_TAG, IMPORTED_TAG, PanTSDatastore, export_labels
+from lib.datastore.export import export_labels
+from lib.datastore.pants import FINAL_TAG, IMPORTED_TAG, PanTSDatastore
 
 
 def build_parser() -> argparse.ArgumentParser:

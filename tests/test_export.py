@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.datastore.pants import IMPORTED_TAG, PanTSDatastore, export_labels
+from lib.datastore.export import export_labels
+from lib.datastore.pants import IMPORTED_TAG, PanTSDatastore
 from lib.core.labelmap import load_labelmap
 from pants_tools.phantom import make_case, write_case, write_pants_tree
 

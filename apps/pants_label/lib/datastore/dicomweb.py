@@ -48,7 +48,15 @@ from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG
 from lib.datastore.rows import LabelRow
 from lib.imaging.dicom_seg import check_seg_size, label_to_seg, seg_to_label
 from lib.imaging.dicom_series import CTStudy, SeriesGeometry, ct_series, read_volume, series_geometry
-from lib.datastore.label_upload import DatastoreError, bad_request, check_image_id, check_label, check_tag, read_geometry
+from lib.datastore.label_upload import (
+    DatastoreError,
+    bad_request,
+    check_image_id,
+    check_label,
+    check_save_target,
+    check_tag,
+    read_geometry,
+)
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.imaging.dicom_meta import case_from_dicom
 from lib.imaging.volume_decode import check_client_image
@@ -422,10 +430,7 @@ class DICOMwebDatastore(IndexedStore):
         If the server refuses the SEG (HTTP 502), the checked label stays here as a version.
         A ``final`` label ends the scan's lease.
         """
-        image_id = check_image_id(image_id)
-        tag = check_tag(label_tag or FINAL_TAG)
-        if tag == IMPORTED_TAG:
-            raise bad_request(f"tag {tag!r} is reserved for masks loaded from PanTS; use 'final'")
+        image_id, tag = check_save_target(image_id, label_tag)
         params = dict(label_info or {})
         image = read_geometry(self.get_image_uri(image_id))
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)

@@ -25,6 +25,7 @@ import numpy as np
 from lib.core.atomic import atomic_write
 from lib.core.errors import ClientError, bad_request, unprocessable
 from lib.core.labelmap import LabelMap
+from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG
 from lib.imaging.volume_decode import MAX_LAYERS, read_data, read_header
 
 #: relative tolerance when comparing a label's affine with its image's
@@ -60,6 +61,15 @@ def check_tag(tag: Any) -> str:
             "starting with a letter or digit (no '.', '/' or '..')"
         )
     return tag
+
+
+def check_save_target(image_id: Any, label_tag: Any) -> tuple[str, str]:
+    """The image id and tag of a label save (both backends); the imported tag only the dataset writes."""
+    image_id = check_image_id(image_id)
+    tag = check_tag(label_tag or FINAL_TAG)
+    if tag == IMPORTED_TAG:
+        raise bad_request(f"tag {tag!r} is reserved for the masks imported from PanTS (read-only); save as 'final'")
+    return image_id, tag
 
 
 # ---- reading ---------------------------------------------------------------------------------

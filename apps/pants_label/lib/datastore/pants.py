@@ -68,6 +68,7 @@ from lib.datastore.label_upload import (
     bad_request,
     check_image_id,
     check_label,
+    check_save_target,
     check_tag,
     read_geometry,
     write_label_gz,
@@ -470,10 +471,7 @@ class PanTSDatastore(IndexedStore):
         Returns:
             The label id (the image id, as MONAI Label's clients expect).
         """
-        image_id = check_image_id(image_id)
-        tag = check_tag(label_tag or FINAL_TAG)
-        if tag == IMPORTED_TAG:
-            raise bad_request(f"tag {tag!r} is reserved for the labels imported from the PanTS masks; use 'final'")
+        image_id, tag = check_save_target(image_id, label_tag)
         params = dict(label_info or {})
         row = self._require(image_id)
         image = read_geometry(self._abs(row.path))

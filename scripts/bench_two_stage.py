@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Second-stage benchmark: does a finer model over the pancreas find what the whole-body model misses?
+
+Stage 1 is a whole-body model (default: the committed demo model, ``fast`` preset at 6 mm, trained
+on the learning benchmark's phantoms). Stage 2 (``lib/model/pancreas_stage.py``, preset
+``pancreas`` at 2 mm) is trained here with the app's own train task on boxes around the pancreas
+region of the same training phantoms (two boxes per scan, margins ``--margins``), then tested on the
+held-out phantoms: stage 1 segments the whole scan, the box around its predicted pancreas region
+goes to stage 2, and stage 2 decides that region (:func:`merge`). Printed: DSC per pancreas-region
+class, whole pancreas, lesion DSC on lesion-positive scans, detection AUC and mean DSC, for stage 1
+alone and for both stages, with training wall and CPU minutes; ``--out`` gets ``summary.json``.
+
+The phantom set is the learning benchmark's (``scripts/bench_learning.py`` makes it, same options).
+
+Examples:
+    .venv/bin/pants-label bench-two-stage --out out/bench_two_stage
+    .venv/bin/pants-label bench-two-stage --out /tmp/b2 --steps 200 --save-model /tmp/stage2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # bench_learning.py lives beside this script
+
+import bench_learning  # noqa: E402
+from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
+from lib.core.settings import load_segmentation_config  # noqa: E402
+from lib.datastore.pants import PanTSDatastore  # noqa: E402
+from lib.imaging.volume_io import load_volume  # noqa: E402
+from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
+from lib.model.model_store import model_path  # noqa: E402
+from lib.model.pancreas_stage import crop, merge, region_box, write_crop_case  # noqa: E402
+from lib.model.segmenter import Segmenter  # noqa: E402
+from lib.trainers.segmentation import PanTSTrain  # noqa: E402
+
+DEMO = REPO / "apps" / "pants_label" / "demo_model" / "segresnet_fast.pt"
+STAGE2 = "pancreas"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = bench_learning.build_parser()
+    p.prog, p.description, p.epilog = "bench_two_stage.py", __doc__.split("\n\n")[0], __doc__.split("\n\n", 1)[1]
+    p.set_defaults(preset=STAGE2)
+    p.add_argument("--stage1", type=Path, default=DEMO, help="whole-body weights (preset fast)")
+    p.add_argument("--margins", type=float, nargs="+", default=(16.0, 32.0), help="training box margins, mm")
+    p.add_argument("--test-margin", type=float, default=24.0, help="margin of the box around stage 1's pancreas, mm")
+    return p
+
+
+def truth_of(lm: LabelMap, folder: Path) -> np.ndarray:
+    masks = {p.name.split(".")[0]: np.asarray(load_volume(p, dtype=None).array) > 0 for p in folder.glob("*.nii.gz")}
+    return lm.consolidate(masks)
+
+
+def write_crops(root: Path, out: Path, lm: LabelMap, margins: list[float]) -> int:
+    """Stage 2's training set: boxes around each training phantom's pancreas, PanTS layout."""
+    n = 0
+    for case in tqdm(sorted((root / "ImageTr").iterdir()), desc="crops", unit="scan"):
+        vol = load_volume(case / "ct.nii.gz")
+        label = truth_of(lm, root / "LabelTr" / case.name / "segmentations")
+        for k, margin in enumerate(margins):
+            box = region_box(label, lm, vol.spacing, margin)
+            if box is None:
+                continue
+            cid = f"{case.name}m{k}"
+            write_crop_case(vol, label, lm, box, out / "ImageTr" / cid / "ct.nii.gz",
+                            out / "LabelTr" / cid / "segmentations")
+            n += 1
+    return n
+
+
+def evaluate(stage1: Segmenter, stage2: Segmenter, lm: LabelMap, root: Path, margin: float) -> dict[str, dict]:
+    """Per-stage summaries on the test split."""
+    lid = lm.id_of(LESION_CLASS)
+    region = [c.name for c in lm.classes if c.group == "pancreas"]
+    rows: dict[str, list[dict]] = {"stage1": [], "two_stage": []}
+    scores: dict[str, list[float]] = {"stage1": [], "two_stage": []}
+    truths, seconds = [], []
+    for case in tqdm(sorted((root / "ImageTe").iterdir()), desc="testing", unit="scan"):
+        vol = load_volume(case / "ct.nii.gz")
+        truth = truth_of(lm, root / "LabelTe" / case.name / "segmentations")
+        first, _ = stage1.segment(vol)
+        t0 = time.perf_counter()
+        box = region_box(first, lm, vol.spacing, margin)
+        both = first
+        if box is not None:
+            second, _ = stage2.segment(crop(vol, box))
+            both = merge(first, second, box, lm)
+        seconds.append(time.perf_counter() - t0)
+        present = {c.name for c in lm.classes if (truth == c.id).any()}
+        truths.append(bool((truth == lid).any()))
+        for name, pred in (("stage1", first), ("two_stage", both)):
+            rows[name].append({"present": present, **mean_dice(pred, truth, lm)})
+            scores[name].append(lesion_score_from_label(pred, vol.spacing, lm))
+    out = {}
+    for name, rs in rows.items():
+        out[name] = {
+            **{c: _mean([r[c] for r in rs if c in r["present"]]) for c in region},
+            "whole_pancreas": _mean([r["whole_pancreas"] for r in rs]),
+            "lesion": _mean([r[LESION_CLASS] for r, t in zip(rs, truths) if t]),
+            "lesion_auc": auc_score(scores[name], truths) if any(truths) and not all(truths) else math.nan,
+            "mean": _mean([r["mean"] for r in rs]),
+        }
+    out["two_stage"]["stage2_s_per_scan"] = round(float(np.mean(seconds)), 2)
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lm = load_labelmap()
+    root = bench_learning.make_data(args)
+    cfg, request = bench_learning.recipe(load_segmentation_config(), lm, args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench_two_stage_") as tmp:
+        work = Path(tmp)
+        n = write_crops(root, work / "crops", lm, list(args.margins))
+        ds = PanTSDatastore(work / "crops", state_dir=work / "state", labelmap=lm)
+        trainer = PanTSTrain(cfg, lm, args.preset, work / "model", device)
+        done = threading.Event()
+        watcher = threading.Thread(target=bench_learning.follow, args=(trainer.stats_path, done), daemon=True)
+        watcher.start()
+        t0, cpu0 = time.time(), time.process_time()
+        try:
+            stats = trainer(request, ds)
+        finally:
+            done.set()
+            watcher.join()
+            ds.close()
+        wall, cpu = time.time() - t0, time.process_time() - cpu0
+        weights = model_path(work / "model", args.preset)
+        if not weights.exists():
+            print(f"training published no model: {stats}")
+            return 1
+        stage1 = Segmenter(load_segmentation_config(), lm, "fast", args.stage1, device)
+        stage2 = Segmenter(trainer.cfg, lm, args.preset, weights, device)
+        result = evaluate(stage1, stage2, lm, root, args.test_margin)
+        if args.save_model:
+            args.save_model.mkdir(parents=True, exist_ok=True)
+            (args.save_model / weights.name).write_bytes(weights.read_bytes())
+    summary = {**result, "train_wall_min": round(wall / 60, 2), "train_cpu_min": round(cpu / 60, 2),
+               "crops": n, "iterations": stats.get("iterations"), "val_metric": stats.get("best_metric"),
+               "request": request, "stage1": str(args.stage1), "data": str(root)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    keys = [k for k in result["stage1"]]
+    print(f"\n{'test DSC':<22} {'stage 1':>8} {'2 stages':>9}")
+    for k in keys:
+        print(f"{k:<22} {result['stage1'][k]:>8.3f} {result['two_stage'][k]:>9.3f}")
+    print(f"\nstage 2: {n} training boxes, {stats.get('iterations')} iterations, training wall {summary['train_wall_min']} "
+          f"min, CPU {summary['train_cpu_min']} min; {result['two_stage']['stage2_s_per_scan']} s per test scan")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ def training_scans(entries: Sequence[tuple[str, str]], metadata: dict[str, dict[
         "by_center": count("center"),
         "by_phase": count("contrast_phase"),
         "by_tumor": count("tumor", lambda v: "tumor" if v else "no tumor"),
-        "labels": dict(sorted(Counter(tag for _i, tag in entries).items())),
+        "label_tags": dict(sorted(Counter(tag for _i, tag in entries).items())),
     }
 
 

@@ -169,13 +169,20 @@ class PanTSTrain(TrainTask):
             else:
                 result = fit(plan)
         except Exception as err:
-            stats = {**(read_json(self.stats_path, default={}) or stats)}
-            stats.update(status="FAILED", error=f"{type(err).__name__}: {err}", end_ts=time.time())
-            self._write(stats)
+            self.failed(err, stats)
             raise
+        return self.finish(result)
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The run's final stats (DONE), as ``/info`` shows them."""
         stats = {**result, "status": "DONE", "end_ts": time.time(), "progress": 1.0}
         self._write(stats)
         return stats
+
+    def failed(self, err: BaseException, stats: dict[str, Any]) -> None:
+        stats = {**(read_json(self.stats_path, default={}) or stats)}
+        stats.update(status="FAILED", error=f"{type(err).__name__}: {err}", end_ts=time.time())
+        self._write(stats)
 
     def options(self, request: dict[str, Any]) -> TrainRequest:
         return validate_model("train request", TrainRequest, {**self.config(), **request})
@@ -220,7 +227,7 @@ class PanTSTrain(TrainTask):
         facts = {"train": train_ids, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
                  "parent": self.store.serving_sha256(), "world": world, "preset": self.preset_name}
         stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent,
-                     label_sources=card["training_scans"]["labels"])
+                     label_tags=card["training_scans"]["label_tags"])
         self._write(stats)
         triple = lambda i: (i, pairs[i]["image"], pairs[i]["label"])  # noqa: E731
         run_dir = self.model_dir / ".train" / self.preset_name
@@ -441,7 +448,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             "summary": meta["summary"],
             "network": {"name": "SegResNet", **cfg.network.model_dump(mode="json")},
             "spacing_mm": list(preset.spacing_mm),
-            "labels": plan.labelmap.names,
+            "classes": plan.labelmap.names,
             "validation": validation_report(best_state, val, plan, device, memory_format),  # type: ignore[arg-type]
             "baseline": {"version": plan.card.get("parent"),
                          "mean_dice": None if baseline is None else round(baseline, 4)},

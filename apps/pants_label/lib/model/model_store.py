@@ -283,4 +283,20 @@ class ModelStore:
                     shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["ModelStore", "model_path", "read_meta", "publish", "read_json", "sha256_file", "write_json_atomic"]
+
+
+def weights_identity(path: Path, preset: str) -> dict[str, Any]:
+    """What names a weights file in an output (batch inference, evaluation): its hash, and its
+    version and card summary when it is the served file or a version of a model store."""
+    path = Path(path).resolve()
+    sha = sha256_file(path)
+    root = path.parents[3] if path.name == WEIGHTS and path.parent.parent.parent.name == "versions" else path.parent
+    store = ModelStore(root, preset)
+    version = store.version_of(sha)
+    card = store.card(version) if version else {}
+    return {"path": str(path), "sha256": sha, "version": version, "preset": card.get("preset", preset),
+            "dataset": card.get("dataset"), "summary": card.get("summary"), "created_ts": card.get("created_ts")}
+
+
+__all__ = ["ModelStore", "model_path", "read_meta", "publish", "read_json", "sha256_file", "weights_identity",
+           "write_json_atomic"]

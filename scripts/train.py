@@ -77,6 +77,35 @@ def request_of(args: argparse.Namespace) -> dict[str, Any]:
     return req
 
 
+def _consolidate(root: str, state_dir: str, ids: list[str]) -> int:
+    """A worker process: merge the PanTS masks of ``ids`` into their cached 28-class maps."""
+    from lib.datastore.pants import PanTSDatastore
+
+    ds = PanTSDatastore(root, state_dir=state_dir)
+    try:
+        return sum(ds.consolidate_imported(i) is not None for i in ids)
+    finally:
+        ds.close()
+
+
+def consolidate_imported(ds: Any, workers: int) -> None:
+    """Merge the PanTS masks of every training scan without a final label, over ``workers`` processes
+    (the datastore would otherwise do it one scan at a time when the training list is read)."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    ids = [i for i in ds.list_images() if ds.split_of(i) in ds.training_splits
+           and set(ds.get_labels_by_image_id(i)) == {"pants"}]
+    if workers <= 1 or len(ids) < 2 * workers:
+        return  # few: the training list builds them as it goes
+    t0 = time.time()
+    chunks = [ids[k::workers * 4] for k in range(workers * 4)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = sum(pool.map(_consolidate, [str(ds.root)] * len(chunks), [str(ds.state_dir)] * len(chunks), chunks))
+    log.info(f"PanTS masks of {done} scans merged by {workers} processes in {time.time() - t0:.0f} s")
+
+
 def make_plan(args: argparse.Namespace, trainer_args: dict[str, Any], world: int, device: str) -> FitPlan:
     """Rank 0: open the datastore, pick the data and the card's facts (as the server's train task)."""
     from lib.datastore.pants import PanTSDatastore
@@ -88,7 +117,9 @@ def make_plan(args: argparse.Namespace, trainer_args: dict[str, Any], world: int
         trainer = PanTSTrain(**trainer_args, model_dir=model_dir, device=device, dataset=dataset_identity(ds))
         opts = trainer.options(request_of(args))
         stats = trainer.start_stats(opts, device, world)
-        log.info(f"{len(ds.datalist())} labelled scans in {args.studies}; models in {model_dir}")
+        log.info(f"{args.studies}: models in {model_dir}")
+        if not args.hide_imported_labels:
+            consolidate_imported(ds, args.workers)
         return trainer.plan(opts, ds, device, world, stats)
     finally:
         ds.close()

@@ -224,19 +224,24 @@ class PanTSTrain(TrainTask):
             "code_version": code_version(),
             "device": device_description(device, world),
         }
-        facts = {"train": train_ids, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
+        labels = [(i, pairs[i]["label"], os.stat(pairs[i]["label"]).st_mtime_ns) for i in train_ids + val_ids]
+        facts = {"labels": labels, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
                  "parent": self.store.serving_sha256(), "world": world, "preset": self.preset_name}
         stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent,
                      label_tags=card["training_scans"]["label_tags"])
         self._write(stats)
         triple = lambda i: (i, pairs[i]["image"], pairs[i]["label"])  # noqa: E731
         run_dir = self.model_dir / ".train" / self.preset_name
+        checkpoint = run_dir / f"checkpoint-{_run_key(facts)}.pt"
+        for stale in run_dir.glob("checkpoint-*.pt"):  # left by a killed run of other data or options
+            if stale != checkpoint:
+                stale.unlink(missing_ok=True)
         return FitPlan(
             cfg=self.cfg, labelmap=self.labelmap, preset_name=self.preset_name, model_path=self.path,
             stats_path=self.stats_path, cache_root=self.model_dir / ".cache" / self.preset_name,
             train=[triple(i) for i in train_ids], val=[triple(i) for i in val_ids], opts=opts, device=device,
             stats=stats, store_root=self.model_dir, dataset=self.dataset, card=card,
-            checkpoint_path=run_dir / f"checkpoint-{_run_key(facts)}.pt",
+            checkpoint_path=checkpoint,
         )
 
 

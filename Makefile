@@ -45,11 +45,12 @@ demo: setup
 	fi
 
 # The demo starts a fresh campaign: its phantom masks are hidden, so every scan is there to annotate.
-# It serves the committed phantom model (scripts/train_demo_model.py), copied once into its own
-# model folder so that retraining from the client never touches the committed file.
+# It serves the committed phantom model (scripts/train_demo_model.py), copied once into the demo
+# dataset's own model store (where the server records it as version v1), so that retraining from
+# the client never touches the committed file.
 DEMO_MODEL := apps/pants_label/demo_model/segresnet_fast.pt
-DEMO_MODEL_DIR := data/demo-model
-DEMO_CONF := $(if $(filter data/demo,$(STUDIES)),--conf hide_imported_labels true --conf preset fast --conf model_dir $(DEMO_MODEL_DIR),)
+DEMO_MODEL_DIR := data/demo/.pants_label/models
+DEMO_CONF := $(if $(filter data/demo,$(STUDIES)),--conf hide_imported_labels true --conf preset fast,)
 
 serve: demo
 	$(PY) -m monailabel.main start_server --app apps/pants_label --studies $(STUDIES) \

@@ -10,8 +10,9 @@ Inputs
   --images DIR   a PanTS root (ImageTr/<id>/ct.nii.gz, ImageTe/...) or a flat folder of <id>.nii[.gz]
 
 Outputs in --out
+  model.json           the model: weights file, SHA-256, version and card summary from its model store
   labels/<id>.nii.gz   uint8 label map in the CT's own grid (ids of configs/labels.yaml)
-  scores/<id>.json     per scan: score (highest pancreatic_lesion probability), lesion_ml, timings
+  scores/<id>.json     per scan: score (highest pancreatic_lesion probability), lesion_ml, timings, model_version
   errors/<id>.txt      scans that failed (tried again on the next run)
   scores.csv, scores.json   all scans merged; scores.csv feeds ``scripts/evaluate.py --scores``
 
@@ -23,6 +24,10 @@ Examples
       scripts/batch_infer.py --images /shared/PanTS --out /shared/pred
   # without torchrun: one process
   python scripts/batch_infer.py --images data/demo --out runs/pred --preset fast
+
+The weights are the dataset's served model (<images>/.pants_label/models/segresnet_<preset>.pt, the
+server's default store for that dataset) unless --model names a file (a served file or a version's
+model.pt in any model store). An --out that holds predictions of another model is refused.
 """
 
 from __future__ import annotations
@@ -48,14 +53,16 @@ import torch.distributed as dist
 from lib.core.atomic import write_bytes_atomic
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.model.metrics import LESION_CLASS, lesion_score_from_label
-from lib.model.model_store import model_path, write_json_atomic
+from lib.datastore.pants import STATE_DIRNAME
+from lib.model.model_store import ModelStore, model_path, read_json, weights_identity, write_json_atomic
+from lib.model.store_location import MODELS_DIRNAME
 from lib.model.segmenter import Segmenter, prepare, upsample_argmax
 from lib.core.settings import load_segmentation_config
 from lib.imaging.volume_io import load_volume, write_label
 
 log = logging.getLogger("batch_infer")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-SCORE_FIELDS = ("case", "score", "lesion_ml", "lesion_max_prob", "shape", "seconds", "rank")
+SCORE_FIELDS = ("case", "score", "lesion_ml", "lesion_max_prob", "shape", "seconds", "rank", "model_version")
 
 
 # ---- what to segment ------------------------------------------------------------------------------
@@ -181,6 +188,25 @@ def merge_scores(out: Outputs, cases: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def record_model(out: Outputs, weights: Path, preset: str, images: Path) -> dict[str, Any]:
+    """Write ``model.json`` (which weights, which version); refuse an --out made by another model."""
+    if not weights.is_file():
+        model: dict[str, Any] = {"path": str(weights), "sha256": None, "version": None, "note": "untrained (random weights)"}
+    else:
+        model = weights_identity(weights, preset)
+        warning = ModelStore(weights.parent, preset, str(images.resolve())).mismatch(model)
+        if warning:
+            log.warning(warning)
+            model["warning"] = warning
+    before = read_json(out.root / "model.json")
+    if before and before.get("sha256") != model["sha256"] and any(out.root.joinpath("scores").iterdir()):
+        raise SystemExit(f"--out {out.root}: holds predictions of another model ({before.get('version') or before.get('sha256')}); "
+                         "use a new --out folder")
+    write_json_atomic(out.root / "model.json", model)
+    log.info(f"model: version {model['version'] or 'unrecorded'} ({weights}, sha256 {str(model['sha256'])[:12]})")
+    return model
+
+
 def run(args: argparse.Namespace) -> int:
     rank, world, device = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -188,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_segmentation_config()
     labelmap = load_labelmap()
     preset = args.preset if args.preset != "auto" else ("full" if device.type == "cuda" else "fast")
-    weights = Path(args.model) if args.model else model_path(REPO / "apps" / "pants_label" / "model", preset)
+    weights = Path(args.model) if args.model else model_path(Path(args.images) / STATE_DIRNAME / MODELS_DIRNAME, preset)
     if not weights.is_file() and not args.allow_untrained:
         raise SystemExit(f"--model {weights}: no weights there (train first, or --allow-untrained for a dry run)")
     seg = Segmenter(cfg, labelmap, preset, weights, str(device))
@@ -197,6 +223,11 @@ def run(args: argparse.Namespace) -> int:
     out = Outputs(Path(args.out))
     for sub in ("labels", "scores", "errors"):
         (out.root / sub).mkdir(parents=True, exist_ok=True)
+    model = record_model(out, weights, preset, Path(args.images)) if rank == 0 else {}
+    if world > 1:
+        box = [model]
+        dist.broadcast_object_list(box, src=0)
+        model = box[0]
     scans = list_scans(Path(args.images), args.split)
     cases = list(scans)[: args.limit] if args.limit else list(scans)
     todo = shared_todo(cases, out, rank, world)
@@ -215,7 +246,9 @@ def run(args: argparse.Namespace) -> int:
             label, affine, info = segment_scan(seg, scans[case], labelmap)
             write_label(label, affine, out.label(case))
             write_json_atomic(out.score(case), {"case": case, **info, "rank": rank, "image": str(scans[case]),
-                                                "model_mtime": seg.info.mtime, "preset": preset})
+                                                "model_mtime": seg.info.mtime, "preset": preset,
+                                                "model_version": model.get("version"),
+                                                "model_sha256": model.get("sha256")})
             out.error(case).unlink(missing_ok=True)
         except Exception as err:  # noqa: BLE001 - one bad scan must not stop a pool of thousands
             failed += 1
@@ -247,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("auto", "fast", "full"), default="auto",
                    help="configs/presets.yaml preset; auto: full on GPU, fast on CPU")
     p.add_argument("--model", type=Path, metavar="FILE",
-                   help="weights (default apps/pants_label/model/segresnet_<preset>.pt)")
+                   help="weights (default: the dataset's served model, <images>/.pants_label/models/segresnet_<preset>.pt)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--split", choices=("all", "train", "test"), default="all", help="PanTS split(s) to segment")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N scans (by id)")

@@ -16,9 +16,12 @@ Outputs in --out
   metrics.csv     one row per case and class: case, class, class_id, dsc, nsd, tolerance_mm, ...
                   (+ center, contrast_phase with --metadata)
   detection.csv   per case: lesion score, tumour truth, whether called positive
-  summary.json    per-class mean/median DSC and NSD, detection metrics, breakdowns by
-                  center and contrast phase (with --metadata)
+  summary.json    the model that made the predictions (``model``), per-class mean/median DSC
+                  and NSD, detection metrics, breakdowns by center and contrast phase (with --metadata)
   *.png           DSC box plot per class, ROC curve, mean DSC per center / phase
+
+Model: read from ``model.json`` in --pred or its parent folder (``scripts/batch_infer.py`` writes
+it: weights, SHA-256, version); ``--model-version`` names it when the predictions came from elsewhere.
 
 Tumour truth: lesion voxels in the reference label map (``--tumor-truth mask``, default), or the
 metadata ``tumor`` column (``--tumor-truth metadata``; cases where it is blank fall back to the
@@ -408,6 +411,8 @@ def build_parser(lm: LabelMap) -> argparse.ArgumentParser:
                    help="score only these classes (default: all 28 and whole_pancreas); see --list-classes")
     p.add_argument("--allow-missing", action="store_true",
                    help="score cases without a prediction as empty predictions instead of stopping")
+    p.add_argument("--model-version", metavar="VERSION",
+                   help="the model version that made --pred, when no model.json from batch_infer.py is there")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes scoring cases in parallel (default 1)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list-classes", action="store_true", help="print the class ids, names and NSD tolerances and exit")
@@ -487,6 +492,24 @@ CONVENTIONS = {
 }
 
 
+def prediction_model(pred: Path, version: str | None) -> dict[str, Any]:
+    """Which model made the predictions: ``model.json`` beside them (batch_infer.py), or ``--model-version``."""
+    for folder in (pred, pred.parent):
+        f = folder / "model.json"
+        if f.is_file():
+            try:
+                model = json.loads(f.read_text())
+            except json.JSONDecodeError as err:
+                raise EvaluationError(f"{f}: not valid JSON ({err})") from None
+            if version and model.get("version") != version:
+                raise EvaluationError(f"--model-version {version}: {f} says the predictions come from "
+                                      f"{model.get('version') or 'an unrecorded model'}")
+            return {**model, "from": str(f)}
+    if version:
+        return {"version": version, "from": "--model-version"}
+    return {"version": None, "note": f"unknown: no model.json in {pred} or its parent, no --model-version"}
+
+
 def run(args: argparse.Namespace, lm: LabelMap) -> dict[str, Any]:
     """Evaluate and write every output; returns the summary dict."""
     if args.workers < 1:
@@ -516,6 +539,7 @@ def run(args: argparse.Namespace, lm: LabelMap) -> dict[str, Any]:
 
     per_class = M.summarize(rows)
     summary: dict[str, Any] = {
+        "model": prediction_model(args.pred, args.model_version),
         "n_cases": len(results),
         "cases_missing_prediction": missing,
         "classes": per_class,
@@ -554,8 +578,8 @@ def run(args: argparse.Namespace, lm: LabelMap) -> dict[str, Any]:
     if not args.no_plots:
         make_plots(out, rows, det, det_metrics, args.threshold, with_groups=bool(meta))
     mo = summary["mean_over_classes"]
-    log.info("%d cases: mean DSC %.4f, mean NSD %.4f over classes; tumour AUC %.4f -> %s",
-             len(results), mo["dsc"], mo["nsd"], det_metrics["auc"], out)
+    log.info("%d cases, model %s: mean DSC %.4f, mean NSD %.4f over classes; tumour AUC %.4f -> %s",
+             len(results), summary["model"].get("version") or "unknown", mo["dsc"], mo["nsd"], det_metrics["auc"], out)
     return summary
 
 

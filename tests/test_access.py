@@ -168,6 +168,7 @@ ENDPOINTS = [
     ("GET", "/scoring/"), ("POST", "/scoring/x"), ("DELETE", "/scoring/"),
     ("GET", "/batch/infer"), ("POST", "/batch/infer/segmentation"), ("DELETE", "/batch/infer"),
     ("GET", "/model/segmentation"), ("PUT", "/model/segmentation"), ("DELETE", "/model/segmentation"),
+    ("GET", "/model/segmentation/versions"), ("POST", "/model/segmentation/rollback?version=v1"),
     ("GET", "/logs/"), ("GET", "/session/x"), ("PUT", "/session/"), ("DELETE", "/session/x"),
     ("GET", "/proxy/dicom/qido/studies"), ("GET", "/%69nfo/"), ("GET", "//info/"),
 ]
@@ -225,7 +226,8 @@ def test_annotator_works_through_the_client_but_cannot_train_or_delete(proxy: tu
         client().train_stop()
     assert "401" in err.value.msg
     for method, path in [("DELETE", f"/datastore/label?id={IMAGE}&tag=final"), ("DELETE", f"/datastore/image?id={IMAGE}"),
-                         ("GET", "/logs/"), ("POST", "/reload"), ("GET", "/datastore/dataset")]:
+                         ("GET", "/logs/"), ("POST", "/reload"), ("GET", "/datastore/dataset"),
+                         ("POST", "/model/segmentation/rollback?version=v1"), ("GET", "/model/segmentation/versions")]:
         r = requests.request(method, url + path, auth=ANNOTATOR, verify=False, timeout=30)
         assert r.status_code == 401, (method, path, r.status_code)
     assert requests.get(f"{url}/datastore/label?label={IMAGE}&tag=final", auth=ANNOTATOR, verify=False,
@@ -235,6 +237,9 @@ def test_annotator_works_through_the_client_but_cannot_train_or_delete(proxy: tu
     with pytest.raises(MONAILabelClientException) as err:
         client(ADMIN).train_start("segmentation", {"max_epochs": -1})
     assert "422" in err.value.msg or "max_epochs" in err.value.msg
+    r = requests.post(f"{url}/model/segmentation/rollback?version=v1", auth=ADMIN, verify=False, timeout=30)
+    assert r.status_code == 404 and "no version is stored yet" in r.json()["detail"]  # reached the app
+    assert requests.get(f"{url}/model/segmentation/versions", auth=ADMIN, verify=False, timeout=30).json()["versions"] == []
     r = requests.delete(f"{url}/datastore/label?id={IMAGE}&tag=final", auth=ADMIN, verify=False, timeout=30)
     assert r.status_code == 200
     assert requests.get(f"{url}/datastore/label?label={IMAGE}&tag=final", auth=ADMIN, verify=False,

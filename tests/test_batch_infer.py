@@ -1,4 +1,5 @@
-"""scripts/batch_infer.py under ``torch.distributed.run`` with 2 gloo processes on the CPU, then resumed."""
+"""scripts/batch_infer.py under ``torch.distributed.run`` with 2 gloo processes on the CPU, then resumed;
+its outputs name the model version, and so does scripts/evaluate.py's summary of them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from lib.core.labelmap import load_labelmap
-from lib.model.model_store import publish
+from lib.model.model_store import ModelStore
 from pants_tools.phantom import write_pants_tree
 from lib.model.segmenter import Segmenter, build_network
 from lib.core.settings import load_segmentation_config
@@ -40,15 +41,15 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("batch")
     write_pants_tree(base / "PanTS", 3, shape=(24, 24, 16), spacing=(3.0, 3.0, 3.0), n_test=1, seed=2)
     torch.manual_seed(4)
-    weights = base / "segresnet_fast.pt"
-    publish(build_network(CFG, LM.num_classes).state_dict(), {"labels": LM.names, "summary": "test"}, weights)
-    return base, weights
+    store = ModelStore(base / "PanTS" / ".pants_label" / "models", "fast", str(base / "PanTS"))  # the dataset's own
+    assert store.publish(build_network(CFG, LM.num_classes).state_dict(), {"labels": LM.names}, {"summary": "test"}) == "v1"
+    return base, store.serving_path
 
 
 def test_two_gloo_ranks_share_the_scans_then_a_rerun_does_only_what_is_missing(pool) -> None:
     base, weights = pool
     out = base / "out"
-    args = ["--images", str(base / "PanTS"), "--out", str(out), "--preset", "fast", "--model", str(weights)]
+    args = ["--images", str(base / "PanTS"), "--out", str(out), "--preset", "fast"]  # the dataset's served model
     proc = _run(args, torchrun=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 scans, 0 already done, 3 to do on 2 process(es)" in proc.stdout + proc.stderr
@@ -56,9 +57,12 @@ def test_two_gloo_ranks_share_the_scans_then_a_rerun_does_only_what_is_missing(p
     cases = ["PanTS_00000001", "PanTS_00000002", "PanTS_00000003"]  # the last one is the test split
     scores = {c: json.loads((out / "scores" / f"{c}.json").read_text()) for c in cases}
     assert {s["rank"] for s in scores.values()} == {0, 1}  # sharded: both ranks worked
+    assert {s["model_version"] for s in scores.values()} == {"v1"}
+    model = json.loads((out / "model.json").read_text())
+    assert model["version"] == "v1" and model["path"] == str(weights) and model["summary"] == "test"
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["case"] for r in rows] == cases
+    assert [r["case"] for r in rows] == cases and {r["model_version"] for r in rows} == {"v1"}
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)  # evaluate.py --scores reads case,score
 
     # Same label map as the infer pipeline gives in this process.
@@ -88,3 +92,23 @@ def test_missing_weights_is_refused_naming_the_file(pool) -> None:
                  "--preset", "fast"], torchrun=False)
     assert proc.returncode != 0
     assert "none.pt" in proc.stderr and "--allow-untrained" in proc.stderr
+
+
+def test_evaluate_names_the_version_and_another_model_cannot_add_to_the_same_output(pool, tmp_path: Path) -> None:
+    base, weights = pool
+    out = base / "out"
+    ev = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--pred", str(out / "labels"),
+                         "--truth", str(base / "PanTS" / "LabelTr"), "--out", str(tmp_path / "ev"), "--no-plots",
+                         "--allow-missing"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["model"]["version"] == "v1" and summary["model"]["sha256"] == json.loads(
+        (out / "model.json").read_text())["sha256"]
+    assert "model v1" in ev.stderr
+
+    torch.manual_seed(5)
+    store = ModelStore(weights.parent, "fast")
+    assert store.publish(build_network(CFG, LM.num_classes).state_dict(), {"labels": LM.names}, {}) == "v2"
+    proc = _run(["--images", str(base / "PanTS"), "--out", str(out), "--preset", "fast"], torchrun=False)
+    assert proc.returncode != 0 and "holds predictions of another model (v1)" in proc.stderr
+    assert json.loads((out / "model.json").read_text())["version"] == "v1"

@@ -29,7 +29,7 @@ from lib.core.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
 from lib.core.labelmap import load_labelmap  # noqa: E402
 from lib.datastore.protocol import ScoredStore  # noqa: E402
-from lib.model.model_store import model_path  # noqa: E402
+from lib.model.model_store import ModelStore, model_path  # noqa: E402
 from lib.activelearning.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
 from lib.model.segmenter import Segmenter, default_threads  # noqa: E402
 from lib.core.settings import AppSettings, load_segmentation_config  # noqa: E402
@@ -53,10 +53,7 @@ class PanTSLabelApp(MONAILabelApp):
         self.al_config = load_al_config(self.settings.al_config or DEFAULT_AL_CONFIG).check_labels(self.labelmap)
         self.device = self.settings.resolved_device()
         self.preset = self.settings.resolved_preset()
-        self.model_dir = Path(self.settings.model_dir or os.path.join(app_dir, "model")).resolve()
-        self.model_dir.mkdir(parents=True, exist_ok=True)
         default_threads()
-        logger.info(f"PanTS Label: preset '{self.preset}' on {self.device}; models in {self.model_dir}")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -72,6 +69,16 @@ class PanTSLabelApp(MONAILabelApp):
         self._watcher: ModelWatcher | None = None
 
     def init_datastore(self) -> Datastore:
+        datastore = self._open_datastore()
+        # One model store per dataset: in its state folder unless --conf model_dir names one.
+        from lib.model.store_location import dataset_identity, model_dir_for
+
+        self.model_dir = model_dir_for(self.settings.model_dir, datastore)
+        self.models = ModelStore(self.model_dir, self.preset, dataset_identity(datastore))
+        logger.info(f"PanTS Label: preset '{self.preset}' on {self.device}; models in {self.model_dir}")
+        return datastore
+
+    def _open_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             # A DICOMweb server (Orthanc, a PACS): CT series in, DICOM SEG labels out, written
             # in-process (MONAI Label's own path would download a converter at start).
@@ -105,13 +112,13 @@ class PanTSLabelApp(MONAILabelApp):
         segmenter = Segmenter(
             self.seg_config, self.labelmap, self.preset, model_path(self.model_dir, self.preset), self.device
         )
-        return {MODEL: PanTSSegmentation(segmenter, self.labelmap)}
+        return {MODEL: PanTSSegmentation(segmenter, self.labelmap, self.models)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {
             MODEL: PanTSTrain(
                 self.seg_config, self.labelmap, self.preset, self.model_dir, self.device,
-                max_epochs=self.settings.train_max_epochs,
+                max_epochs=self.settings.train_max_epochs, dataset=self.models.dataset,
             )
         }
 
@@ -132,8 +139,12 @@ class PanTSLabelApp(MONAILabelApp):
         from lib.datastore.recovery import recover
 
         recover(self.datastore(), self.model_dir)
+        self.models.adopt_serving()  # weights placed by hand become a version with a card
         s = self.settings
         install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
+        from lib.server.model_routes import install_model_routes
+
+        install_model_routes()
         super().on_init_complete()
         path = model_path(self.model_dir, self.preset)
         self._watcher = ModelWatcher(path, self.al_config.scoring.watch_interval_s, self._start_scoring).start()
@@ -195,23 +206,8 @@ class PanTSLabelApp(MONAILabelApp):
         return info
 
     def _model_card(self) -> dict[str, Any]:
-        """Where the served weights came from (the card stored with them); read again only when
-        the file changes."""
-        path = model_path(self.model_dir, self.preset)
-        try:
-            stamp = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return {"path": str(path), "trained": False, "note": "no trained model: predictions are random"}
-        cached = getattr(self, "_card_cache", None)
-        if cached is None or cached[0] != stamp:
-            from lib.model.model_store import read_meta
-
-            meta = read_meta(path) or {}
-            keep = ("preset", "summary", "val_metric", "train_size", "published_ts", "phantom_model", "note",
-                    "test_dice", "train_cpu_s")
-            self._card_cache = (stamp, {"path": str(path), "trained": True,
-                                        **{k: json_safe(meta[k]) for k in keep if k in meta}})
-        return self._card_cache[1]
+        """The served version's card, where the weights came from, and any mismatch (lib.model.model_store)."""
+        return json_safe(self.models.serving())
 
     def _al_status(self) -> dict[str, Any]:
         ds = self.datastore()

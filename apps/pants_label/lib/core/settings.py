@@ -201,7 +201,7 @@ class AppSettings(_Frozen):
     max_upload_mb: int = Field(1024, ge=1)
     infer_workers: int = Field(1, ge=1, le=16, description="inferences run at once (each on its own thread)")
     infer_queue: int = Field(32, ge=0, le=10000, description="inferences waiting beyond those; more get 503 busy")
-    model_dir: str | None = Field(None, description="folder of published weights; default <app>/model")
+    model_dir: str | None = Field(None, description="the model store (versions, cards); default <datastore state folder>/models")
     datastore_dir: str | None = Field(None, description="writable index/labels folder; default <studies>/.pants_label")
     al_config: str | None = Field(None, description="active-learning config file; default configs/active_learning.yaml")
 

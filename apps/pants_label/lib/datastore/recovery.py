@@ -129,8 +129,8 @@ def training_running_elsewhere(model_dir: Path) -> bool:
             conf = json.loads(env.get("MONAI_LABEL_APP_CONF") or "{}")
         except ValueError:
             conf = {}
-        theirs = conf.get("model_dir") or os.path.join(env.get("MONAI_LABEL_APP_DIR", ""), "model")
-        if Path(theirs).resolve() == target:
+        theirs = conf.get("model_dir")
+        if not theirs or Path(theirs).resolve() == target:  # no model_dir: the dataset's own store, maybe this one
             return True
     return False
 
@@ -198,6 +198,8 @@ def recover(datastore: Any, model_dir: Path, index_name: str = "index.sqlite") -
     if model_dir.is_dir() and not training_running_elsewhere(model_dir):  # a live trainer owns its temp files
         remove_tmp(model_dir, report, recursive=False)
         remove_tmp(model_dir / ".cache", report)
+        remove_tmp(model_dir / ".train", report)
+        remove_tmp(model_dir / "versions", report)
         mark_interrupted_training(model_dir, report)
     if report.removed_tmp or report.orphans or report.interrupted_training:
         logger.warning("recovered after an unclean stop: %s", report.as_dict())

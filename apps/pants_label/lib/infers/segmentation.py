@@ -12,6 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.core.errors import bad_request, unprocessable
 from lib.core.labelmap import LabelMap
+from lib.model.model_store import ModelStore
 from lib.model.segmenter import Segmenter
 from lib.imaging.volume_io import load_volume, result_suffix, write_label
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 class PanTSSegmentation(InferTask):
     """Runs :class:`lib.model.segmenter.Segmenter` and writes a uint8 label map in the image's geometry."""
 
-    def __init__(self, segmenter: Segmenter, labelmap: LabelMap) -> None:
+    def __init__(self, segmenter: Segmenter, labelmap: LabelMap, models: ModelStore | None = None) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labelmap.labels_dict(),
@@ -30,6 +31,7 @@ class PanTSSegmentation(InferTask):
         )
         self.segmenter = segmenter
         self.labelmap = labelmap
+        self.models = models
 
     # ---- what clients see
     def is_trained(self) -> bool:
@@ -48,12 +50,20 @@ class PanTSSegmentation(InferTask):
         info["preset"] = self.segmenter.preset_name
         info["spacing_mm"] = list(preset.spacing_mm)
         info["model_file"] = os.path.basename(self.segmenter.model_path)
+        info["model_version"] = self.models.serving_version() if self.models else None
         info["colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
         return info
 
     def is_valid(self) -> bool:
         # Listed even when untrained, so that /info says so instead of hiding the model.
         return True
+
+    def model_version(self) -> str | None:
+        """Version of the weights the last segmentation ran with: named inside the file when the
+        store published it, else found by the served file's hash."""
+        if not self.segmenter.info.trained:
+            return None
+        return self.segmenter.info.meta.get("version") or (self.models.serving_version() if self.models else None)
 
     # ---- the request
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -93,5 +103,7 @@ class PanTSSegmentation(InferTask):
             "preset": self.segmenter.preset_name,
             "trained": self.segmenter.info.trained,
             "model_mtime": self.segmenter.info.mtime,
+            # the version that produced this label: store it with the label (see README, "Model versions")
+            "model_version": self.model_version(),
         }
         return out, params

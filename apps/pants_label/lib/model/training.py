@@ -1,5 +1,5 @@
-"""Training data for full-size 28-class CT: a disk cache of preprocessed scans, class-aware crops,
-and a validation split that never moves a scan once it is placed.
+"""Training data for full-size 28-class CT: a disk cache of preprocessed scans (built by parallel
+worker processes), class-aware crops, and a validation split that never moves a scan once it is placed.
 
 Scans are preprocessed once with exactly the infer pipeline (:func:`lib.model.segmenter.prepare`), stored
 as ``.npy`` at the preset's spacing and memory-mapped while training, so RAM use does not grow with
@@ -55,6 +55,9 @@ class CaseCache:
     def __init__(self, root: Path, cfg: SegmentationConfig, preset: Preset, labelmap: LabelMap) -> None:
         self.root = Path(root)
         self.cfg, self.preset, self.labelmap = cfg, preset, labelmap
+
+    def has(self, image: str, label: str) -> bool:
+        return (self.root / _key(image, label, self.preset, self.cfg) / "done").exists()
 
     def get(self, image_id: str, image: str, label: str) -> CachedCase:
         folder = self.root / _key(image, label, self.preset, self.cfg)
@@ -324,3 +327,39 @@ def meta_centers(datastore: Any, image_ids: Sequence[str]) -> dict[str, str | No
         except Exception:  # noqa: BLE001 - metadata is optional for splitting
             out[i] = None
     return out
+
+
+# ---- building the cache in parallel ------------------------------------------------------------
+
+
+def _build_one(cache: CaseCache, item: tuple[str, str, str]) -> str:
+    cache.get(*item)
+    return item[0]
+
+
+def build_cache(cache: CaseCache, items: Sequence[tuple[str, str, str]], workers: int = 1,
+                progress: Any = None) -> int:
+    """Preprocess every ``(image id, image file, label file)`` into ``cache`` (those not there yet).
+
+    ``workers`` > 1 spreads the scans over that many processes (a fresh interpreter each, safe in
+    a threaded server subprocess); each writes its scans to disk itself, so nothing accumulates in
+    RAM. ``progress(done, total)`` is called as scans finish. Returns how many were built.
+    """
+    todo = [t for t in items if not cache.has(t[1], t[2])]
+    if workers <= 1 or len(todo) < 2:
+        for k, t in enumerate(todo):
+            cache.get(*t)
+            if progress:
+                progress(k + 1, len(todo))
+        return len(todo)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        futures = [pool.submit(_build_one, cache, t) for t in todo]
+        for k, f in enumerate(as_completed(futures)):
+            f.result()  # a scan that cannot be read fails the run, naming it
+            if progress:
+                progress(k + 1, len(todo))
+    return len(todo)

@@ -1,10 +1,13 @@
 """MONAI Label train task: fine-tune the preset's SegResNet and publish it only if it is not worse.
 
 MONAI Label runs this in a subprocess (``POST /train/segmentation``, or the auto-retrain scheduler
-of :mod:`lib.retrain`); progress goes to a stats JSON beside the model, which ``/info`` reads as
-``train_stats``. The published weights are replaced by ``os.replace`` only after the new model
-matched or beat the current one on the same fixed, center-stratified validation set; the infer
-task reloads them by file mtime, without a restart.
+of :mod:`lib.retrain`); ``scripts/train.py`` runs the same plan and loop under ``torchrun`` for
+large offline runs. Progress goes to a stats JSON beside the model, which ``/info`` reads as
+``train_stats``. A new model is published, as a new version of the model store with its card
+(:mod:`lib.model.model_store`, :mod:`lib.model.model_card`), only after it matched or beat the
+served one on the same fixed, center-stratified validation set; the infer task reloads it by file
+mtime, without a restart. Each epoch ends with a checkpoint: a killed run started again with the
+same data and options goes on from its last epoch.
 
 Devices: one CUDA GPU with mixed precision; several GPUs with torch DDP (one process per GPU,
 NCCL; MONAI Label's ``multi_gpu`` request key, on by default); the CPU otherwise. DDP also runs on
@@ -13,6 +16,8 @@ the CPU over gloo with ``cpu_processes > 1`` (how the DDP path is tested without
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -31,13 +36,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
-from lib.model.metrics import mean_dice
-from lib.model.model_store import model_path, publish, read_json, write_json_atomic
+from lib.model.checkpoint import Checkpoint
+from lib.model.metrics import evaluate_case, mean_dice
+from lib.model.model_card import code_version, device_description, per_class, training_scans
+from lib.model.model_store import ModelStore, model_path, read_json, write_json_atomic
 from lib.model.segmenter import Segmenter, build_network
 from lib.core.settings import SegmentationConfig
 from lib.model.training import (
     CachedCase,
     CaseCache,
+    build_cache as build_case_cache,
     CropSampler,
     PrefetchSampler,
     ce_class_weights,
@@ -67,6 +75,7 @@ class TrainRequest(BaseModel):
     val_every: int = Field(1, ge=1)
     multi_gpu: bool = True  # MONAI Label's key: DDP over every visible GPU when there are several
     cpu_processes: int = Field(1, ge=1, le=64)  # DDP over gloo on the CPU (no GPU)
+    cache_workers: int = Field(0, ge=0, le=256)  # processes preprocessing scans into the cache; 0 = auto
     trigger: str = "on demand"  # who started the run (the auto-retrain scheduler says why)
 
 
@@ -85,6 +94,15 @@ class FitPlan:
     opts: TrainRequest
     device: str  # "cpu" or "cuda"
     stats: dict[str, Any]
+    store_root: Path  # the model store's folder (publish target)
+    dataset: str | None  # what the data is (recorded in the card)
+    card: dict[str, Any]  # the card's facts known before training (scans, labels, parent, trigger)
+    checkpoint_path: Path  # resumable state of this run, removed when it ends
+
+
+def _run_key(plan_facts: dict[str, Any]) -> str:
+    """Identity of a run: a checkpoint is only resumed by a run with the same data, options and parent."""
+    return hashlib.sha1(json.dumps(plan_facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class PanTSTrain(TrainTask):
@@ -96,6 +114,7 @@ class PanTSTrain(TrainTask):
         model_dir: Path,
         device: str,
         max_epochs: int | None = None,
+        dataset: str | None = None,
     ) -> None:
         super().__init__(f"Fine-tune the PanTS SegResNet ('{preset_name}' preset) on the labelled scans")
         # presets.yaml training.cpu overrides the recipe where there is no GPU to train on
@@ -109,6 +128,8 @@ class PanTSTrain(TrainTask):
         self.path = model_path(self.model_dir, preset_name)
         self.stats_path = self.model_dir / f"train_stats_{preset_name}.json"
         self.retrain_state_path = self.model_dir / f"retrain_{preset_name}.json"
+        self.dataset = dataset
+        self.store = ModelStore(self.model_dir, preset_name, dataset)
 
     def config(self) -> dict[str, Any]:
         t = self.cfg.training
@@ -131,14 +152,13 @@ class PanTSTrain(TrainTask):
 
     # ---- the run -------------------------------------------------------------------------
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        opts = validate_model("train request", TrainRequest, {**self.config(), **request})
+        opts = self.options(request)
         world, device = self._world(opts)
-        stats: dict[str, Any] = {"status": "RUNNING", "preset": self.preset_name, "start_ts": time.time(),
-                                 "device": device, "processes": world, "trigger": opts.trigger,
-                                 "progress": 0.0}
-        self._write(stats)
+        stats = self.start_stats(opts, device, world)
         try:
-            plan = self._plan(opts, datastore, device, stats)
+            plan = self.plan(opts, datastore, device, world, stats)
+            build_cache(plan, _auto_workers(opts, len(plan.train) + len(plan.val)))
+            self._write(plan.stats)
             if world > 1:
                 port = _free_port()
                 logger.info(f"DDP over {world} processes ({'nccl' if device == 'cuda' else 'gloo'})")
@@ -149,11 +169,27 @@ class PanTSTrain(TrainTask):
             else:
                 result = fit(plan)
         except Exception as err:
-            stats = {**(read_json(self.stats_path, default={}) or stats)}
-            stats.update(status="FAILED", error=f"{type(err).__name__}: {err}", end_ts=time.time())
-            self._write(stats)
+            self.failed(err, stats)
             raise
+        return self.finish(result)
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The run's final stats (DONE), as ``/info`` shows them."""
         stats = {**result, "status": "DONE", "end_ts": time.time(), "progress": 1.0}
+        self._write(stats)
+        return stats
+
+    def failed(self, err: BaseException, stats: dict[str, Any]) -> None:
+        stats = {**(read_json(self.stats_path, default={}) or stats)}
+        stats.update(status="FAILED", error=f"{type(err).__name__}: {err}", end_ts=time.time())
+        self._write(stats)
+
+    def options(self, request: dict[str, Any]) -> TrainRequest:
+        return validate_model("train request", TrainRequest, {**self.config(), **request})
+
+    def start_stats(self, opts: TrainRequest, device: str, world: int) -> dict[str, Any]:
+        stats: dict[str, Any] = {"status": "RUNNING", "preset": self.preset_name, "start_ts": time.time(),
+                                 "device": device, "processes": world, "trigger": opts.trigger, "progress": 0.0}
         self._write(stats)
         return stats
 
@@ -166,28 +202,68 @@ class PanTSTrain(TrainTask):
     def _write(self, stats: dict[str, Any]) -> None:
         write_json_atomic(self.stats_path, stats)
 
-    def _plan(self, opts: TrainRequest, datastore: Datastore, device: str, stats: dict) -> FitPlan:
-        """Pick the training pairs, split them, and build the disk cache (once, before any worker starts)."""
+    def plan(self, opts: TrainRequest, datastore: Datastore, device: str, world: int, stats: dict) -> FitPlan:
+        """Pick the training pairs (a ``final`` label over the imported PanTS masks), split them,
+        and gather the card's facts; the disk cache is built next (:func:`build_cache`)."""
         pairs = {d["image_id"] if "image_id" in d else Path(d["image"]).name: d for d in datastore.datalist()}
         if len(pairs) < 2:
             raise ValueError(f"training needs at least 2 labelled scans, the datastore has {len(pairs)}")
         train_ids, val_ids = split_train_val(
             list(pairs), meta_centers(datastore, list(pairs)), self.cfg.training.val_fraction, self.cfg.training.seed
         )
-        cache_root = self.model_dir / ".cache" / self.preset_name
-        cache = CaseCache(cache_root, self.cfg, self.preset, self.labelmap)
-        t0 = time.time()
-        for i in train_ids + val_ids:
-            cache.get(i, pairs[i]["image"], pairs[i]["label"])
-        stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids,
-                     cache_s=round(time.time() - t0, 2))
+        self.store.adopt_serving()  # weights placed by hand get a version: the parent is always named
+        parent = self.store.serving_version()
+        table = getattr(datastore, "metadata_table", None)
+        metadata = table() if table else {}
+        card = {
+            "training_scans": training_scans([(i, pairs[i].get("tag", "final")) for i in train_ids], metadata),
+            "validation_scans": len(val_ids),
+            "parent": parent,
+            "initialised_from": None if opts.from_scratch or parent is None else parent,
+            "trigger": opts.trigger,
+            "code_version": code_version(),
+            "device": device_description(device, world),
+        }
+        labels = [(i, pairs[i]["label"], os.stat(pairs[i]["label"]).st_mtime_ns) for i in train_ids + val_ids]
+        facts = {"labels": labels, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
+                 "parent": self.store.serving_sha256(), "world": world, "preset": self.preset_name}
+        stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent,
+                     label_tags=card["training_scans"]["label_tags"])
         self._write(stats)
         triple = lambda i: (i, pairs[i]["image"], pairs[i]["label"])  # noqa: E731
+        run_dir = self.model_dir / ".train" / self.preset_name
+        checkpoint = run_dir / f"checkpoint-{_run_key(facts)}.pt"
+        for stale in run_dir.glob("checkpoint-*.pt"):  # left by a killed run of other data or options
+            if stale != checkpoint:
+                stale.unlink(missing_ok=True)
         return FitPlan(
             cfg=self.cfg, labelmap=self.labelmap, preset_name=self.preset_name, model_path=self.path,
-            stats_path=self.stats_path, cache_root=cache_root, train=[triple(i) for i in train_ids],
-            val=[triple(i) for i in val_ids], opts=opts, device=device, stats=stats,
+            stats_path=self.stats_path, cache_root=self.model_dir / ".cache" / self.preset_name,
+            train=[triple(i) for i in train_ids], val=[triple(i) for i in val_ids], opts=opts, device=device,
+            stats=stats, store_root=self.model_dir, dataset=self.dataset, card=card,
+            checkpoint_path=checkpoint,
         )
+
+
+def build_cache(plan: FitPlan, workers: int, rank: int = 0, world: int = 1) -> None:
+    """Preprocess this rank's share of the plan's scans into the disk cache (``workers`` processes)."""
+    cache = CaseCache(plan.cache_root, plan.cfg, plan.cfg.preset(plan.preset_name), plan.labelmap)
+    items = (plan.train + plan.val)[rank::world]
+    t0 = time.time()
+
+    def progress(done: int, total: int) -> None:
+        if rank == 0 and (done == total or done % max(1, total // 20) == 0):
+            logger.info(f"preprocessing: {done}/{total} scans ({time.time() - t0:.0f} s)")
+
+    built = build_case_cache(cache, items, workers, progress)
+    plan.stats.update(cache_s=round(time.time() - t0, 2), cache_built=built, cache_workers=workers)
+
+
+def _auto_workers(opts: TrainRequest, cases: int) -> int:
+    """Cache workers: as asked, else up to 8 processes (only when there are enough scans to share)."""
+    if opts.cache_workers:
+        return opts.cache_workers
+    return 1 if cases < 16 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 # ---- the training loop (one process, or one DDP rank) -----------------------------------------
@@ -219,13 +295,18 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Fine-tune, validate each ``val_every`` epochs on rank 0, and publish the best model if not worse.
 
+    Resumes from ``plan.checkpoint_path`` when a run with the same identity left one (every rank
+    reads it; rank 0 writes it after each epoch). Under DDP the process group is already set up
+    (:func:`_fit_worker`, or ``torchrun`` in ``scripts/train.py``).
+
     Returns:
-        On rank 0, the stats (``published``, ``best_metric``, ``baseline_metric``, speed...);
-        the same dict is written to ``plan.stats_path``. Other ranks return ``{}``.
+        On rank 0, the stats (``published``, ``version``, ``best_metric``, ``baseline_metric``,
+        speed...); the same dict is written to ``plan.stats_path``. Other ranks return ``{}``.
     """
     opts, cfg, stats = plan.opts, plan.cfg, dict(plan.stats)
     lead = rank == 0
-    device = torch.device(f"cuda:{rank}" if plan.device == "cuda" and world > 1 else plan.device)
+    local = int(os.environ.get("LOCAL_RANK", rank))  # GPU index on this node (torchrun sets it)
+    device = torch.device(f"cuda:{local}" if plan.device == "cuda" and world > 1 else plan.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed patch shape: pick the fastest kernels once
@@ -238,19 +319,25 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     train = [cache.get(*t) for t in plan.train]
     val = [cache.get(*t) for t in plan.val] if lead else []
 
+    checkpoint = Checkpoint(plan.checkpoint_path)
+    saved = checkpoint.load()
     net = build_network(cfg, plan.labelmap.num_classes)
     current = plan.model_path.exists()
-    if current and not opts.from_scratch:
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+    elif current and not opts.from_scratch:
         net.load_state_dict(_load_state(plan.model_path))
     net.to(device, memory_format=memory_format)
     model: torch.nn.Module = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
+    start = 1 if saved is None else int(saved["epoch"]) + 1
     patch = effective_patch(cfg.training.patch_size, [c.image.shape for c in train])
     # Each rank draws its own crops; DDP averages the gradients (effective batch = batch x ranks).
+    # A resumed run draws from a new seed (the killed run's random state is gone).
     sampler = CropSampler(train, patch, class_weights(cfg, plan.labelmap), cfg.training.crop_background_weight,
-                          seed=cfg.training.seed + rank)
+                          seed=cfg.training.seed + rank + 1000 * (start - 1))
     ce_weight = ce_class_weights(train, plan.labelmap.num_classes + 1, cfg.training.ce_weight_cap).to(device)
     optim = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate, weight_decay=cfg.training.weight_decay)
     iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))
@@ -259,19 +346,30 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    baseline = None
-    if lead and current and val:
-        baseline = validate(_published_net(plan, device, memory_format), val, plan, device)
+    best_metric, best_state, best_epoch = -1.0, None, 0
+    n_iter, val_s, prior_s = 0, 0.0, 0.0
+    if saved is None:
+        baseline = None
+        if lead and current and val:
+            baseline = validate(_published_net(plan, device, memory_format), val, plan, device)
+    else:
+        optim.load_state_dict(saved["optim"])
+        sched.load_state_dict(saved["sched"])
+        scaler.load_state_dict(saved["scaler"])
+        baseline, best_metric, best_epoch = saved["baseline"], saved["best_metric"], saved["best_epoch"]
+        best_state, n_iter, val_s, prior_s = saved["best_state"], saved["n_iter"], saved["val_s"], saved["train_s"]
+        stats.update({k: v for k, v in saved["stats"].items() if k not in ("status", "processes", "device")})
+        stats["resumed_from_epoch"] = start - 1
+        logger.info(f"resuming from the checkpoint of epoch {start - 1}/{opts.max_epochs} ({plan.checkpoint_path})")
     stats.update(baseline_metric=None if baseline is None else round(baseline, 4), total_epochs=opts.max_epochs,
                  iterations_per_epoch=iters, patch=list(patch), batch_size=opts.batch_size * world)
     write()
-    best_metric, best_state, best_epoch = -1.0, None, 0
-    n_iter, t_train, t_written, val_s = 0, time.time(), time.time(), 0.0
-    t_step = t_train  # end of the previous step (validation is not part of a step)
+    t_train, t_written = time.time() - prior_s, time.time()  # train time counts the killed run's epochs too
+    t_step = time.time()  # end of the previous step (validation is not part of a step)
     total_iters = opts.max_epochs * iters
     batches = PrefetchSampler(sampler, opts.batch_size, pin_memory=device.type == "cuda")
     try:
-        for epoch in range(1, opts.max_epochs + 1):
+        for epoch in range(start, opts.max_epochs + 1):
             model.train()
             t_epoch = time.time()
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
@@ -289,7 +387,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                 loss_sum += loss.detach()
                 n_iter += 1
                 t_step, step_s = time.time(), time.time() - t_step
-                if n_iter == 1:
+                if "first_iteration_s" not in stats:
                     stats["first_iteration_s"] = round(step_s, 3)
                 else:  # the least disturbed step: what the loop costs on a busy machine
                     stats["fastest_iteration_s"] = round(min(step_s, stats.get("fastest_iteration_s", step_s)), 3)
@@ -298,10 +396,11 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                                  loss=round(float(loss_sum) / (i + 1), 4))
                     write()
                     t_written = time.time()
+                    logger.info(f"epoch {epoch}/{opts.max_epochs}: step {i + 1}/{iters}, loss {stats['loss']}")
             loop_s = time.time() - t_train - val_s
             stats.update(epoch=epoch, progress=round(n_iter / total_iters, 4), loss=round(float(loss_sum) / iters, 4),
                          epoch_time_s=round(time.time() - t_epoch, 3),
-                         iterations_per_s=round(n_iter / (time.time() - t_train), 3),
+                         iterations_per_s=round(n_iter / max(1e-9, time.time() - t_train), 3),
                          iterations=n_iter, loop_s=round(loop_s, 3))
             if lead:
                 t_val = time.time()
@@ -314,17 +413,27 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                 elif not val:
                     best_state, best_epoch = _plain_state(net), epoch
                 val_s += time.time() - t_val
-                t_step = time.time()
                 stats.update(val_time_s=round(val_s, 3))
+                checkpoint.save({
+                    "epoch": epoch, "net": _plain_state(net), "optim": optim.state_dict(), "sched": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "baseline": baseline, "best_metric": best_metric,
+                    "best_epoch": best_epoch, "best_state": best_state, "n_iter": n_iter, "val_s": val_s,
+                    "train_s": time.time() - t_train, "stats": json.loads(json.dumps(stats, default=str)),
+                })
+                t_step = time.time()
                 write()
                 t_written = time.time()
-                logger.info(f"epoch {epoch}/{opts.max_epochs} loss {stats['loss']} val {stats.get('val_metric')}")
+                left = (time.time() - t_train) / max(1, epoch - start + 1) * (opts.max_epochs - epoch)
+                logger.info(f"epoch {epoch}/{opts.max_epochs} loss {stats['loss']} val {stats.get('val_metric')} "
+                            f"({stats['epoch_time_s']:.1f} s/epoch, about {left:.0f} s left)")
     finally:
         batches.close()
     if not lead:
         return {}
 
     publishable = best_state is not None and (baseline is None or (bool(val) and best_metric >= baseline))
+    train_time = time.time() - t_train
+    version = None
     if publishable:
         meta = {
             "labels": plan.labelmap.names,
@@ -336,16 +445,55 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             "train_size": len(plan.train),
             "epoch": best_epoch,
             "published_ts": time.time(),
+            "dataset": plan.dataset,
             "summary": f"val mean Dice {best_metric:.4f} on {len(val)} scans, {len(plan.train)} training scans",
         }
-        publish(best_state, meta, plan.model_path)  # type: ignore[arg-type]
-        logger.info(f"published {plan.model_path}: {meta['summary']}")
+        card = {
+            **plan.card,
+            "summary": meta["summary"],
+            "network": {"name": "SegResNet", **cfg.network.model_dump(mode="json")},
+            "spacing_mm": list(preset.spacing_mm),
+            "classes": plan.labelmap.names,
+            "validation": validation_report(best_state, val, plan, device, memory_format),  # type: ignore[arg-type]
+            "baseline": {"version": plan.card.get("parent"),
+                         "mean_dice": None if baseline is None else round(baseline, 4)},
+            "epochs": {"best": best_epoch, "total": opts.max_epochs, "iterations": n_iter,
+                       "resumed_from": stats.get("resumed_from_epoch")},
+            "training_time_s": round(train_time, 1),
+        }
+        version = ModelStore(plan.store_root, plan.preset_name, plan.dataset).publish(best_state, meta, card)  # type: ignore[arg-type]
+        logger.info(f"published model version {version} ({plan.model_path}): {meta['summary']}")
     else:
         logger.info(f"kept the current model: new {best_metric:.4f} < current {baseline}")
-    stats.update(published=bool(publishable), best_metric=round(best_metric, 4) if val else None,
-                 train_time_s=round(time.time() - t_train, 2))
+    checkpoint.remove()
+    stats.update(published=bool(publishable), version=version, best_metric=round(best_metric, 4) if val else None,
+                 train_time_s=round(train_time, 2))
     write()
     return stats
+
+
+def validation_report(state: dict[str, torch.Tensor], val: list[CachedCase], plan: FitPlan, device: torch.device,
+                      memory_format: torch.memory_format) -> dict[str, Any]:
+    """Per-class DSC and NSD of the published weights on the validation scans (the card's numbers),
+    at the network's grid and spacing."""
+    if not val:
+        return {"scans": 0}
+    net = build_network(plan.cfg, plan.labelmap.num_classes)
+    net.load_state_dict(state)
+    net.to(device, memory_format=memory_format).eval()
+    seg = Segmenter(plan.cfg, plan.labelmap, plan.preset_name, plan.model_path, str(device))
+    spacing = plan.cfg.preset(plan.preset_name).spacing_mm
+    rows: list[dict[str, Any]] = []
+    means = []
+    for case in val:
+        x = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None, None]
+        pred = seg.predict_logits(x, net).argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        truth = np.asarray(case.label)
+        rows += evaluate_case(pred, truth, spacing, plan.labelmap)
+        m = mean_dice(pred, truth, plan.labelmap)["mean"]
+        means.append(0.0 if np.isnan(m) else m)
+    return {"scans": len(val), "mean_dice": round(float(np.mean(means)), 4), "spacing_mm": list(spacing),
+            "per_class": per_class(rows)}
 
 
 def _published_net(plan: FitPlan, device: torch.device, memory_format: torch.memory_format) -> torch.nn.Module:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage1", type=Path, default=DEMO, help="whole-body weights (preset fast)")
     p.add_argument("--margins", type=float, nargs="+", default=(16.0, 32.0), help="training box margins, mm")
     p.add_argument("--test-margin", type=float, default=24.0, help="margin of the box around stage 1's pancreas, mm")
+    p.add_argument("--lesion-boxes", type=int, default=0,
+                   help="extra boxes per lesion-positive training scan, shifted at random by up to 16 mm")
     return p
 
 
@@ -65,8 +67,11 @@ def truth_of(lm: LabelMap, folder: Path) -> np.ndarray:
     return lm.consolidate(masks)
 
 
-def write_crops(root: Path, out: Path, lm: LabelMap, margins: list[float]) -> int:
-    """Stage 2's training set: boxes around each training phantom's pancreas, PanTS layout."""
+def write_crops(root: Path, out: Path, lm: LabelMap, margins: list[float], lesion_boxes: int = 0) -> int:
+    """Stage 2's training set: boxes around each training phantom's pancreas, PanTS layout; scans
+    with a lesion get ``lesion_boxes`` more, shifted (lesions are rare: 11% of scans)."""
+    rng = np.random.default_rng(0)
+    lid = lm.id_of(LESION_CLASS)
     n = 0
     for case in tqdm(sorted((root / "ImageTr").iterdir()), desc="crops", unit="scan"):
         vol = load_volume(case / "ct.nii.gz")
@@ -76,6 +81,17 @@ def write_crops(root: Path, out: Path, lm: LabelMap, margins: list[float]) -> in
             if box is None:
                 continue
             cid = f"{case.name}m{k}"
+            write_crop_case(vol, label, lm, box, out / "ImageTr" / cid / "ct.nii.gz",
+                            out / "LabelTr" / cid / "segmentations")
+            n += 1
+        if not (label == lid).any():
+            continue
+        for k in range(lesion_boxes):
+            box = region_box(label, lm, vol.spacing, float(rng.uniform(16, 32)))
+            shift = [int(rng.integers(-16, 17) / sp) for sp in vol.spacing]
+            box = tuple(slice(max(b.start + d, 0), min(b.stop + d, size))
+                        for b, d, size in zip(box, shift, label.shape))
+            cid = f"{case.name}l{k}"
             write_crop_case(vol, label, lm, box, out / "ImageTr" / cid / "ct.nii.gz",
                             out / "LabelTr" / cid / "segmentations")
             n += 1
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_two_stage_") as tmp:
         work = Path(tmp)
-        n = write_crops(root, work / "crops", lm, list(args.margins))
+        n = write_crops(root, work / "crops", lm, list(args.margins), args.lesion_boxes)
         ds = PanTSDatastore(work / "crops", state_dir=work / "state", labelmap=lm)
         trainer = PanTSTrain(cfg, lm, args.preset, work / "model", device)
         done = threading.Event()

@@ -51,6 +51,9 @@ from lib.core.atomic import atomic_write, commit, staged
 from lib.core.config_errors import ConfigError
 from lib.datastore.index import Index, Unlabeled, dumps, loads
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS, ScoredStore
+from lib.datastore import provenance
+from lib.datastore.review import MODEL_TAG, ReviewLayer
+from lib.core.review_config import ReviewConfig, load_review_config
 from lib.datastore.label_upload import (
     DatastoreError,
     atomic_write_nifti,
@@ -130,6 +133,8 @@ class PanTSDatastore(ScoredStore):
         labelmap: the label map; default ``configs/labels.yaml``.
         max_upload_bytes: largest label upload accepted (compressed and decompressed).
         extensions: image file patterns of the flat layout.
+        review: review-campaign settings (``configs/review.yaml``); campaign: ``annotate`` or
+            ``review`` (serve labelled scans for review, see :mod:`lib.datastore.review`).
 
     Raises:
         ConfigError: ``root`` missing, or no writable ``state_dir``, or a bad metadata file.
@@ -147,6 +152,8 @@ class PanTSDatastore(ScoredStore):
         labelmap: LabelMap | None = None,
         max_upload_bytes: int = 1 << 30,
         extensions: Sequence[str] = ("*.nii.gz", "*.nii"),
+        review: ReviewConfig | None = None,
+        campaign: str = "annotate",
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
@@ -168,6 +175,7 @@ class PanTSDatastore(ScoredStore):
             dumps([self.lm.names, self.lm.overlap_priority]).encode()
         ).hexdigest()[:12]
         self._check_root_matches(state_dir)
+        self.review = ReviewLayer(self, review or load_review_config(), campaign)  # provenance, QA, readings
         self.refresh()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -662,6 +670,9 @@ class PanTSDatastore(ScoredStore):
         row = self._row(label_id)
         if row is None:
             return ""
+        served = self.review.served_original_uri(label_id) if label_tag == MODEL_TAG else None
+        if served is not None:  # a review campaign serves the best current label as 'original'
+            return served
         if label_tag == IMPORTED_TAG:
             if not self._imported_visible(row):
                 return ""
@@ -674,6 +685,9 @@ class PanTSDatastore(ScoredStore):
         row = self._row(label_id)
         if row is None:
             return {}
+        served = self.review.served_original_info(label_id) if label_tag == MODEL_TAG else None
+        if served is not None:
+            return served
         if label_tag == IMPORTED_TAG:
             if not self._imported_visible(row):
                 return {}
@@ -689,6 +703,9 @@ class PanTSDatastore(ScoredStore):
             return {}
         info = loads(cur[4])
         info.update({"version": cur[0], "ts": int(cur[3]), "origin": cur[2]})
+        prov = provenance.of_version(self.index.conn(), label_id, label_tag, cur[0])
+        if prov is not None:
+            info["provenance"] = prov.as_info()
         return info
 
     def label_versions(self, image_id: str, tag: str = FINAL_TAG) -> list[dict[str, Any]]:
@@ -727,6 +744,7 @@ class PanTSDatastore(ScoredStore):
         row = self._require(image_id)
         image = read_geometry(self._abs(row[2]))
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)
+        plan = self.review.before_save(image_id, tag, params, checked.array)  # who; refusals before any write
 
         folder = self.state_dir / "labels" / tag / image_id
         with staged(folder / "label.nii.gz") as tmp:
@@ -748,12 +766,17 @@ class PanTSDatastore(ScoredStore):
                     info["mapping"] = {str(k): v for k, v in checked.mapping.items()}
                 commit(tmp, dest)
                 self.index.insert_label(db, image_id, tag, version, self._state_rel(dest), "upload", now, info)
+                self.review.record(db, plan, version, now)
                 if tag == FINAL_TAG:  # a final label ends the scan's lease (active learning)
                     self.index.release_leases([image_id], db)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         logger.info("saved label %s tag=%s v%d (%s)", image_id, tag, version, checked.counts)
+        try:
+            self.review.after_save(plan, version, checked.array, image.affine)
+        except Exception:  # noqa: BLE001 - the label is stored; a failed check must not fail the upload
+            logger.exception("QA of %s %s v%d failed", image_id, tag, version)
         return image_id
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
@@ -951,6 +974,7 @@ class PanTSDatastore(ScoredStore):
                 labs[IMPORTED_TAG] = {"ext": ".nii.gz", "info": {"source": "PanTS per-structure masks"}}
             info = self._compose_info(row, with_path=False)
             objects[image_id] = {"image": {"ext": info["name"][len(image_id):], "info": info}, "labels": labs}
+        self.review.decorate(objects)
         return changes, {
             "name": self.name(),
             "description": self.description(),

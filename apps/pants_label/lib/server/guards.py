@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import errno
 import gc
 import json
@@ -45,6 +46,7 @@ from urllib.parse import parse_qs
 
 from lib.core.config_errors import ConfigError
 from lib.core.errors import ClientError, look_up
+from lib.core.identity import REQUEST_IDENTITY, identity_from_headers
 from lib.datastore.protocol import PanTSStore
 
 logger = logging.getLogger(__name__)
@@ -435,6 +437,7 @@ class RequestGuard:
             await send(start)
             await send({"type": "http.response.body", "body": body})
             return
+        REQUEST_IDENTITY.set(identity_from_headers(scope.get("headers", [])))  # this request's task only
         if pool is None:
             await self.app(scope, receive, send)
         else:
@@ -468,7 +471,8 @@ class RequestGuard:
 
         self._waiting[kind] += 1
         try:
-            await loop.run_in_executor(self.pools[kind], work)
+            # the worker runs in this request's context (its identity, see lib.core.identity)
+            await loop.run_in_executor(self.pools[kind], contextvars.copy_context().run, work)
         finally:
             self._waiting[kind] -= 1
 

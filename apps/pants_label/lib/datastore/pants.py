@@ -460,7 +460,13 @@ class PanTSDatastore(ScoredStore):
         """Name, path, split, metadata (center, contrast_phase, age, sex, spacing, diagnosis, tumor),
         then everything stored by :meth:`update_image_info` (scores, strategy timestamps)."""
         row = self._row(image_id)
-        return self._compose_info(row) if row else {}
+        if row is None:
+            return {}
+        info = self._compose_info(row)
+        review = self.review.row(image_id)
+        if review is not None:
+            info["review"] = review.as_info()
+        return info
 
     def get_metadata(self, image_id: str) -> dict[str, Any]:
         """The metadata file's row for a scan (empty when it has none)."""

@@ -11,6 +11,7 @@ their disagreement on the lesion flags the scan; only the reviewer role gets it 
 
 from __future__ import annotations
 
+import csv
 import getpass
 import json
 import os
@@ -246,3 +247,30 @@ def test_bad_time_spent_is_refused_and_nothing_is_stored(campaign, tmp_path: Pat
     after = requests.get(f"{server.url}/datastore/label/info", params={"label": image_id, "tag": "final"},
                          timeout=30).json()
     assert after.get("version") == before.get("version")
+
+
+def test_campaign_report_endpoint_and_script(campaign, tmp_path: Path) -> None:
+    """After the campaign above: the JSON endpoint and the script's CSV and PNG agree with it."""
+    server, _ = campaign
+    report = requests.get(f"{server.url}/review/report", timeout=60).json()
+    assert report["campaign"] == "review"
+    totals = {k: sum(r[k] for r in report["progress"]) for k in
+              ("scans", "labelled", "reviewed", "double_read", "flagged", "resolved")}
+    assert totals == {"scans": N, "labelled": N, "reviewed": N, "double_read": 1, "flagged": 1, "resolved": 1}
+    agreement = {r["class"]: r for r in report["agreement"]}
+    assert agreement["pancreatic_lesion"]["median_dsc"] == 0.0 and agreement["liver"]["median_dsc"] == 1.0
+    readers = {r["reader"]: r for r in report["throughput"]}
+    assert readers["reader-a"]["labels"] == N and readers["reader-a"]["seconds_total"] == 31 + 32 + 33
+    assert readers["reader-b"]["labels"] == 1 and readers["reader-b"]["seconds_total"] is None
+    assert readers["carol"]["labels"] == 1 and readers["carol"]["seconds_median"] == 120.0
+    assert all(set(r) == {"check", "severity", "scans"} for r in report["qa"])
+
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "campaign_report.py"), "--url", server.url,
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "reviewed 3" in proc.stdout and "resolved 1" in proc.stdout
+    rows = list(csv.DictReader(open(out / "agreement.csv")))
+    assert {r["class"] for r in rows} == set(agreement)
+    assert (out / "campaign.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "report.json").read_text())["progress"] == report["progress"]

@@ -119,3 +119,14 @@ def test_orientation_does_not_matter(cases) -> None:
     aff[:3, 0] *= -1
     assert _errors(flipped, aff) == set()
     assert ("laterality", "kidney_left") in _errors(_swap(flipped, "kidney_left", "kidney_right"), aff)
+
+
+def test_tail_detached_from_the_body(cases) -> None:
+    label, affine = cases[0]
+    out = label.copy()
+    tail = label == LM.name_to_id["pancreas_tail"]
+    out[tail] = 0
+    out[np.roll(tail, 6, axis=0) & (out == 0)] = LM.name_to_id["pancreas_tail"]  # 23 mm further to the left
+    errors = _errors(out, affine)
+    assert ("pancreas_parts_touch", "pancreas_body") in errors
+    assert not any(check == "pancreas_order" for check, _ in errors)  # still in order

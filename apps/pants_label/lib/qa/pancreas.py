@@ -13,6 +13,8 @@ PARTS = ("pancreas_head", "pancreas_body", "pancreas_tail")
 #: what counts as gland for the duct and lesion checks
 GLAND = (*PARTS, "pancreas", "pancreatic_lesion")
 _BALL = ndimage.generate_binary_structure(3, 3)  # the 26 neighbours
+#: structures that lie inside the gland and may separate its parts
+_INSIDE = ("pancreatic_duct", "pancreatic_lesion")
 
 
 def part_order(view: LabelView, cfg: QAConfig) -> list[Finding]:
@@ -32,14 +34,19 @@ def part_order(view: LabelView, cfg: QAConfig) -> list[Finding]:
 
 
 def parts_touch(view: LabelView, cfg: QAConfig) -> list[Finding]:
-    """Neighbouring parts share a border (a gap means a part is misplaced or a slice is missing)."""
+    """Neighbouring parts share a border (a gap means a part is misplaced or a slice is missing).
+
+    The duct and a lesion run through the gland and may lie between two parts: the parts touch
+    when one connected piece of the two parts, duct and lesion holds both.
+    """
     out = []
     for a, b in zip(PARTS, PARTS[1:]):
         if not (view.present(a) and view.present(b)):
             continue
-        box = view.union_box([a, b], margin_mm=float(view.spacing.max()))
-        grown = ndimage.binary_dilation(view.mask(a, box), _BALL)
-        if not (grown & view.mask(b, box)).any():
+        box = view.union_box([a, b])
+        pieces, _ = ndimage.label(view.masks_in([a, b, *_INSIDE], box), _BALL)
+        shared = set(np.unique(pieces[view.mask(a, box)])) & set(np.unique(pieces[view.mask(b, box)]))
+        if not shared - {0}:
             out.append(Finding("pancreas_parts_touch", "error", a, f"{a} and {b} do not touch"))
     return out
 

@@ -126,19 +126,6 @@ def of_version(conn: sqlite3.Connection, image_id: str, tag: str, version: int) 
     return _from_row(row) if row else None
 
 
-_FIELDS = ("reader", "reader_from", "role", "source", "seconds", "model_version")
-
-
-def of_current(conn: sqlite3.Connection) -> dict[tuple[str, str], dict[str, Any]]:
-    """``{(image, tag): record as info}`` of every live label version (one query, for the listing;
-    plain dicts: at 36k scans the listing rebuild is the hot path)."""
-    q = (
-        f"SELECT p.image_id, p.tag, {', '.join('p.' + c for c in _FIELDS)} FROM current c "
-        "JOIN provenance p ON p.image_id = c.image_id AND p.tag = c.tag AND p.version = c.version"
-    )
-    return {(r[0], r[1]): {k: v for k, v in zip(_FIELDS, r[2:]) if v is not None} for r in conn.execute(q)}
-
-
 def rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every record with its version and time (the campaign report)."""
     q = f"SELECT image_id, tag, version, ts, {_COLUMNS} FROM provenance ORDER BY ts"
@@ -148,4 +135,4 @@ def rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["Provenance", "SCHEMA", "SOURCES", "for_upload", "imported", "of_current", "of_version", "record", "rows"]
+__all__ = ["Provenance", "SCHEMA", "SOURCES", "for_upload", "imported", "of_version", "record", "rows"]

@@ -373,17 +373,12 @@ class ReviewLayer:
 
     # ---- listing ------------------------------------------------------------------------------
     def decorate(self, objects: dict[str, dict[str, Any]]) -> None:
-        """Add provenance to each live label, ``review`` to image info and, in a review campaign,
-        the best current label as ``original`` (one query per table, not per scan)."""
-        provs = provenance.of_current(self.ds.index.conn())
-        imported = provenance.imported().as_info()
+        """Add ``review`` to image info and, in a review campaign, the best current label as
+        ``original`` (one query, not one per scan). Provenance stays out of the listing: it would
+        double the rebuild after every save at 36k scans; label info and the report carry it."""
         reviews = self.rows()
         for image_id, obj in objects.items():
             labs = obj["labels"]
-            for tag, entry in labs.items():
-                p = provs.get((image_id, tag)) or (imported if tag == IMPORTED_TAG else None)
-                if p is not None:
-                    entry["info"]["provenance"] = p
             row = reviews.get(image_id)
             if row is not None:
                 obj["image"]["info"]["review"] = row.as_info()

@@ -153,6 +153,7 @@ def test_review_campaign_double_reading_and_senior_review(campaign, front: str, 
     server, _ = campaign
     info = _client(server, "reader-a", tmp_path).info()
     assert list(info["strategies"])[:2] == ["review", "senior_review"]  # review is the clients' default
+    assert info["campaign"] == "review"
 
     # -- every scan is labelled (imported masks): the editor starts from them
     listing = _client(server, "reader-a", tmp_path).datastore()

@@ -207,6 +207,7 @@ class PanTSLabelApp(MONAILabelApp):
         info["device"] = self.device
         info["label_colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
         info["active_learning"] = self._al_status()
+        info["campaign"] = self.settings.campaign
         info["model_card"] = self._model_card()
         return info
 

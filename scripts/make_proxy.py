@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Write an nginx front for PanTS Label: TLS, HTTP basic auth on every path, admin and annotator roles.
+"""Write an nginx front for PanTS Label: TLS, HTTP basic auth on every path, admin, reviewer and annotator roles.
 
 The PanTS Label server listens on 127.0.0.1 only; nginx (Debian package ``nginx``) is the one
 door to it from the network. This writes, into --out:
 
     pants_label_site.conf   the server block (include it from the system nginx, conf.d/), or
     nginx.conf              a standalone nginx that includes it (nginx -p OUT -c OUT/nginx.conf)
-    users.htpasswd          every account (annotators and admins), SHA-512 crypt
+    users.htpasswd          every account (annotators, reviewers and admins), SHA-512 crypt
     admins.htpasswd         admin accounts only: training, scoring, deletions, uploads, logs
+    reviewers.htpasswd      reviewers and admins: senior review of scans whose readings disagree
+    front.secret            the secret nginx sends with each request's user and role; start the
+                            server with --conf front_secret_file <this file> so that it trusts them
+                            (kept when the script runs again, so a running server keeps working)
     tls/cert.pem, key.pem   a self-signed certificate (unless --cert/--key are given)
 
 Accounts are NAME or NAME:PASSWORD; a missing password is generated and printed once. Passwords
@@ -15,7 +19,7 @@ can also come from the environment: NAME:env:VARIABLE.
 
 Examples:
     python scripts/make_proxy.py --out /etc/pants_label/proxy --upstream 127.0.0.1:8000 \\
-        --listen 443 --server-name label.example.org --admin alice --annotator bob --annotator carol
+        --listen 443 --server-name label.example.org --admin alice --annotator bob --reviewer carol
     nginx -t -p /etc/pants_label/proxy -c /etc/pants_label/proxy/nginx.conf
     nginx -p /etc/pants_label/proxy -c /etc/pants_label/proxy/nginx.conf
 """
@@ -47,8 +51,8 @@ def hash_password(password: str) -> str:
 def parse_account(spec: str) -> tuple[str, str, bool]:
     """``NAME``, ``NAME:PASSWORD`` or ``NAME:env:VAR`` -> (name, password, generated)."""
     name, _, secret = spec.partition(":")
-    if not name or any(c in name for c in ":\n ") or len(name) > 64:
-        raise argparse.ArgumentTypeError(f"account name {name!r}: use 1-64 characters without ':' or spaces")
+    if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):  # it also goes into nginx.conf as a map key
+        raise argparse.ArgumentTypeError(f"account name {name!r}: use 1-64 letters, digits or . _ @ -")
     if secret.startswith("env:"):
         var = secret[4:]
         if var not in os.environ:
@@ -115,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", action="append", type=parse_account, default=[], help="admin account, repeatable")
     p.add_argument("--annotator", action="append", type=parse_account, default=[],
                    help="annotator account, repeatable")
+    p.add_argument("--reviewer", action="append", type=parse_account, default=[],
+                   help="reviewer account (senior review of flagged scans), repeatable")
     p.add_argument("--cert", type=Path, help="existing certificate (PEM); default: a new self-signed one")
     p.add_argument("--key", type=Path, help="key of --cert")
     p.add_argument("--days", type=int, default=825, help="validity of the self-signed certificate")
@@ -148,14 +154,26 @@ def main(argv: list[str] | None = None) -> int:
 
     cert, key = (args.cert.resolve(), args.key.resolve()) if args.cert else self_signed(out / "tls", names, args.days)
     admins = {name: (pw, gen) for name, pw, gen in args.admin}
-    annotators = {name: (pw, gen) for name, pw, gen in args.annotator if name not in admins}
-    users = {**annotators, **admins}
-    write_private(out / "users.htpasswd", "".join(f"{n}:{hash_password(p)}\n" for n, (p, _) in users.items()), gid)
-    write_private(out / "admins.htpasswd", "".join(f"{n}:{hash_password(p)}\n" for n, (p, _) in admins.items()), gid)
+    reviewers = {name: (pw, gen) for name, pw, gen in args.reviewer if name not in admins}
+    annotators = {name: (pw, gen) for name, pw, gen in args.annotator if name not in admins and name not in reviewers}
+    users = {**annotators, **reviewers, **admins}
+    hashed = {n: hash_password(p) for n, (p, _) in users.items()}
+
+    def htpasswd(names: dict) -> str:
+        return "".join(f"{n}:{hashed[n]}\n" for n in names)
+
+    write_private(out / "users.htpasswd", htpasswd(users), gid)
+    write_private(out / "admins.htpasswd", htpasswd(admins), gid)
+    write_private(out / "reviewers.htpasswd", htpasswd({**reviewers, **admins}), gid)
+    secret = front_secret(out / "front.secret")
+    roles = {**{n: "reviewer" for n in reviewers}, **{n: "admin" for n in admins}}
 
     site = render("pants_label_site.conf.template", {
         "admins_file": str(out / "admins.htpasswd"),
         "users_file": str(out / "users.htpasswd"),
+        "reviewers_file": str(out / "reviewers.htpasswd"),
+        "front_secret": secret,
+        "role_lines": "".join(f'    "{n}" {r};\n' for n, r in roles.items()).rstrip("\n"),
         "listen": args.listen,
         "server_name": " ".join(names),
         "cert": str(cert),
@@ -165,17 +183,30 @@ def main(argv: list[str] | None = None) -> int:
         "auth_valid_file": str(out / "auth_valid.json"),
     })
     (out / "auth_valid.json").write_text('{"valid": true}\n')
-    (out / "pants_label_site.conf").write_text(site)
+    write_private(out / "pants_label_site.conf", site, gid)  # holds the front's secret
     user_line = f"user {worker_user};" if worker_user else "# (not started as root: workers run as this user)"
     (out / "nginx.conf").write_text(render("nginx.conf.template", {"dir": str(out), "user_line": user_line}))
 
     print(f"wrote {out}/nginx.conf and pants_label_site.conf; TLS certificate {cert}")
-    print(f"admins: {', '.join(admins)}; annotators: {', '.join(annotators) or '-'}")
+    print(f"admins: {', '.join(admins)}; reviewers: {', '.join(reviewers) or '-'}; "
+          f"annotators: {', '.join(annotators) or '-'}")
+    print(f"start the server with: --conf front_secret_file {out / 'front.secret'}")
     for name, (pw, generated) in users.items():
         if generated:
             print(f"  generated password for {name}: {pw}")
     print(f"check: nginx -t -p {out} -c {out}/nginx.conf")
     return 0
+
+
+def front_secret(path: Path) -> str:
+    """The secret in ``path``, made (0600) when missing: kept across runs of this script."""
+    if path.is_file():
+        secret = path.read_text().strip()
+        if len(secret) >= 16:
+            return secret
+    secret = secrets.token_urlsafe(32)
+    write_private(path, secret + "\n", None)
+    return secret
 
 
 def _user_exists(name: str) -> bool:

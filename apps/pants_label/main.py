@@ -35,6 +35,10 @@ from lib.model.segmenter import Segmenter, default_threads  # noqa: E402
 from lib.core.settings import AppSettings, load_segmentation_config  # noqa: E402
 from lib.activelearning.scoring import STATUS_NAME, ModelWatcher, PanTSScoring, StatusFile  # noqa: E402
 from lib.activelearning.strategies import make_strategies  # noqa: E402
+from lib.activelearning.review_strategies import review_strategies  # noqa: E402
+from lib.core.identity import load_front_secret  # noqa: E402
+from lib.core.review_config import DEFAULT_REVIEW_CONFIG, load_review_config  # noqa: E402
+from lib.datastore.pants import PanTSDatastore  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ class PanTSLabelApp(MONAILabelApp):
         self.labelmap = load_labelmap()
         self.seg_config = load_segmentation_config()
         self.al_config = load_al_config(self.settings.al_config or DEFAULT_AL_CONFIG).check_labels(self.labelmap)
+        self.review_config = load_review_config(self.settings.review_config or DEFAULT_REVIEW_CONFIG)
+        load_front_secret(self.settings.front_secret_file)  # X-Remote-User is trusted only with it
         self.device = self.settings.resolved_device()
         self.preset = self.settings.resolved_preset()
         default_threads()
@@ -86,6 +92,10 @@ class PanTSLabelApp(MONAILabelApp):
 
             from lib.datastore.dicomweb import DICOMwebDatastore, make_client
 
+            if self.settings.campaign == "review":
+                from lib.core.errors import ConfigError
+
+                raise ConfigError("--conf campaign: 'review' needs a PanTS root or NIfTI folder, not a DICOMweb server")
             url = self.studies.rstrip("/")
             client = make_client(url, ml_settings.MONAI_LABEL_DICOMWEB_USERNAME, ml_settings.MONAI_LABEL_DICOMWEB_PASSWORD)
             return DICOMwebDatastore(
@@ -97,8 +107,6 @@ class PanTSLabelApp(MONAILabelApp):
             )
         # A PanTS root (ImageTr/...) or a flat NIfTI folder, read in place; the index, stored
         # labels and caches go to <studies>/.pants_label or to --conf datastore_dir (read-only data).
-        from lib.datastore.pants import PanTSDatastore
-
         return PanTSDatastore(
             self.studies,
             state_dir=self.settings.datastore_dir,
@@ -106,6 +114,8 @@ class PanTSLabelApp(MONAILabelApp):
             serve_test_split=self.settings.serve_test_split,
             labelmap=self.labelmap,
             max_upload_bytes=self.settings.max_upload_mb << 20,
+            review=self.review_config,
+            campaign=self.settings.campaign,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -123,7 +133,10 @@ class PanTSLabelApp(MONAILabelApp):
         }
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return dict(make_strategies(self.al_config.strategies))
+        strategies = dict(make_strategies(self.al_config.strategies))
+        if self.settings.campaign == "review":  # review first: the default strategy of the clients
+            strategies = {**review_strategies(self.al_config.strategies), **strategies}
+        return strategies
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         segmenter = Segmenter(
@@ -154,6 +167,9 @@ class PanTSLabelApp(MONAILabelApp):
             trainer.retrain_state_path, self.settings.auto_train_after, self.datastore, launch, busy
         )
         self.retrain.start()
+        ds = self.datastore()
+        if isinstance(ds, PanTSDatastore):
+            ds.review.start_import_checks()  # QA of the imported masks (review campaign), in the background
 
     def _start_scoring(self, version: str | None) -> bool:
         """Background scoring (a MONAI Label scoring task); False if one is already running."""
@@ -202,6 +218,7 @@ class PanTSLabelApp(MONAILabelApp):
         info["device"] = self.device
         info["label_colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
         info["active_learning"] = self._al_status()
+        info["campaign"] = self.settings.campaign
         info["model_card"] = self._model_card()
         return info
 

@@ -204,6 +204,9 @@ class AppSettings(_Frozen):
     model_dir: str | None = Field(None, description="the model store (versions, cards); default <datastore state folder>/models")
     datastore_dir: str | None = Field(None, description="writable index/labels folder; default <studies>/.pants_label")
     al_config: str | None = Field(None, description="active-learning config file; default configs/active_learning.yaml")
+    campaign: Literal["annotate", "review"] = "annotate"
+    review_config: str | None = Field(None, description="review-campaign config file; default configs/review.yaml")
+    front_secret_file: str | None = Field(None, description="the nginx front's secret (make_proxy.py writes it)")
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> "AppSettings":

@@ -62,6 +62,9 @@ from lib.datastore.index import Index, dumps, loads
 from lib.datastore.rows import ImageRow
 from lib.datastore.indexed import IndexedStore
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG, TRAINING_TAGS
+from lib.datastore import provenance
+from lib.datastore.review import MODEL_TAG, ReviewLayer
+from lib.core.review_config import ReviewConfig, load_review_config
 from lib.datastore.label_upload import (
     DatastoreError,
     atomic_write_nifti,
@@ -106,6 +109,8 @@ class PanTSDatastore(IndexedStore):
         labelmap: the label map; default ``configs/labels.yaml``.
         max_upload_bytes: largest label upload accepted (compressed and decompressed).
         extensions: image file patterns of the flat layout.
+        review: review-campaign settings (``configs/review.yaml``); campaign: ``annotate`` or
+            ``review`` (serve labelled scans for review, see :mod:`lib.datastore.review`).
 
     Raises:
         ConfigError: ``root`` missing, or no writable ``state_dir``, or a bad metadata file.
@@ -123,6 +128,8 @@ class PanTSDatastore(IndexedStore):
         labelmap: LabelMap | None = None,
         max_upload_bytes: int = 1 << 30,
         extensions: Sequence[str] = ("*.nii.gz", "*.nii"),
+        review: ReviewConfig | None = None,
+        campaign: str = "annotate",
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
@@ -144,6 +151,7 @@ class PanTSDatastore(IndexedStore):
             dumps([self.lm.names, self.lm.overlap_priority]).encode()
         ).hexdigest()[:12]
         self._check_root_matches(state_dir)
+        self.review = ReviewLayer(self, review or load_review_config(), campaign)  # provenance, QA, readings
         self.refresh()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -342,7 +350,13 @@ class PanTSDatastore(IndexedStore):
         """Name, path, split, metadata (center, contrast_phase, age, sex, spacing, diagnosis, tumor),
         then everything stored by :meth:`update_image_info` (scores, strategy timestamps)."""
         row = self._row(image_id)
-        return self._compose_info(row) if row else {}
+        if row is None:
+            return {}
+        info = self._compose_info(row)
+        review = self.review.row(image_id)
+        if review is not None:
+            info["review"] = review.as_info()
+        return info
 
     def get_metadata(self, image_id: str) -> dict[str, Any]:
         """The metadata file's row for a scan (empty when it has none)."""
@@ -413,6 +427,9 @@ class PanTSDatastore(IndexedStore):
         row = self._row(label_id)
         if row is None:
             return ""
+        served = self.review.served_original_uri(label_id) if label_tag == MODEL_TAG else None
+        if served is not None:  # a review campaign serves the best current label as 'original'
+            return served
         if label_tag == IMPORTED_TAG:
             if not self._imported_visible(row):
                 return ""
@@ -425,6 +442,9 @@ class PanTSDatastore(IndexedStore):
         row = self._row(label_id)
         if row is None:
             return {}
+        served = self.review.served_original_info(label_id) if label_tag == MODEL_TAG else None
+        if served is not None:
+            return served
         if label_tag == IMPORTED_TAG:
             if not self._imported_visible(row):
                 return {}
@@ -440,6 +460,9 @@ class PanTSDatastore(IndexedStore):
             return {}
         info = loads(cur.info)
         info.update({"version": cur.version, "ts": int(cur.ts), "origin": cur.origin})
+        prov = provenance.of_version(self.index.conn(), label_id, label_tag, cur.version)
+        if prov is not None:
+            info["provenance"] = prov.as_info()
         return info
 
     def label_versions(self, image_id: str, tag: str = FINAL_TAG) -> list[dict[str, Any]]:
@@ -476,6 +499,7 @@ class PanTSDatastore(IndexedStore):
         row = self._require(image_id)
         image = read_geometry(self._abs(row.path))
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)
+        plan = self.review.before_save(image_id, tag, params, checked.array)  # who; refusals before any write
 
         folder = self.state_dir / "labels" / tag / image_id
         with staged(folder / "label.nii.gz") as tmp:
@@ -497,12 +521,17 @@ class PanTSDatastore(IndexedStore):
                     info["mapping"] = {str(k): v for k, v in checked.mapping.items()}
                 commit(tmp, dest)
                 self.index.insert_label(db, image_id, tag, version, self._state_rel(dest), "upload", now, info)
+                self.review.record(db, plan, version, now)
                 if tag == FINAL_TAG:  # a final label ends the scan's lease (active learning)
                     self.index.release_leases([image_id], db)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         logger.info("saved label %s tag=%s v%d (%s)", image_id, tag, version, checked.counts)
+        try:
+            self.review.after_save(plan, version, checked.array, image.affine)
+        except Exception:  # noqa: BLE001 - the label is stored; a failed check must not fail the upload
+            logger.exception("QA of %s %s v%d failed", image_id, tag, version)
         return image_id
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
@@ -691,6 +720,7 @@ class PanTSDatastore(IndexedStore):
                 labs[IMPORTED_TAG] = {"ext": ".nii.gz", "info": {"source": "PanTS per-structure masks"}}
             info = self._compose_info(row, with_path=False)
             objects[image_id] = {"image": {"ext": info["name"][len(image_id):], "info": info}, "labels": labs}
+        self.review.decorate(objects)
         return changes, {
             "name": self.name(),
             "description": self.description(),

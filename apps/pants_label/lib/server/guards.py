@@ -43,6 +43,9 @@ def install(fastapi_app: Any, max_upload_bytes: int, get_instance: Callable[[], 
     from lib.server.listing import listing_route
 
     fastapi_app.router.routes.insert(0, listing_route(get_instance))  # matched before MONAI Label's
+    from lib.server.review_routes import report_route
+
+    fastapi_app.router.routes.insert(0, report_route(get_instance))
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     fastapi_app.state.pants_guards = True
     return True

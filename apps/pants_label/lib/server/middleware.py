@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import tempfile
@@ -30,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from lib.core.errors import ClientError, look_up
+from lib.core.identity import REQUEST_IDENTITY, identity_from_headers
 from lib.datastore.protocol import PanTSStore
 from lib.server.checks import (
     BATCH_INTS,
@@ -120,6 +122,7 @@ class RequestGuard:
             await send(start)
             await send({"type": "http.response.body", "body": body})
             return
+        REQUEST_IDENTITY.set(identity_from_headers(scope.get("headers", [])))  # this request's task only
         if pool is None:
             await self.app(scope, receive, send)
         else:
@@ -153,7 +156,8 @@ class RequestGuard:
 
         self._waiting[kind] += 1
         try:
-            await loop.run_in_executor(self.pools[kind], work)
+            # the worker runs in this request's context (its identity, see lib.core.identity)
+            await loop.run_in_executor(self.pools[kind], contextvars.copy_context().run, work)
         finally:
             self._waiting[kind] -= 1
 

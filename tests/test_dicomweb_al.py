@@ -170,6 +170,9 @@ def test_final_label_ends_lease_and_new_model_rescores(pacs: dict, tmp_path: Pat
     nib.save(nib.Nifti1Image(label, img.affine), f)
     client.save_label(sid, str(f), tag="final")
     assert _info(server)["active_learning"]["leases"] == N - 1
+    # the annotation standard's checks ran on the save, as on a PanTS folder: one cube is no abdomen
+    qa = client.datastore()["objects"][sid]["image"]["info"]["qa"]
+    assert qa["label"] == "final v1" and qa["errors"] > 0 and "required" in " ".join(qa["failed"])
 
     mp = model_path(pacs["model_dir"], "fast")
     _publish(mp, 1)

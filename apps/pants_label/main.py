@@ -104,6 +104,7 @@ class PanTSLabelApp(MONAILabelApp):
                 state_dir=self.settings.datastore_dir,
                 labelmap=self.labelmap,
                 max_upload_bytes=self.settings.max_upload_mb << 20,
+                qa=self.review_config.qa,
             )
         # A PanTS root (ImageTr/...) or a flat NIfTI folder, read in place; the index, stored
         # labels and caches go to <studies>/.pants_label or to --conf datastore_dir (read-only data).

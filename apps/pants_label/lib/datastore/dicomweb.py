@@ -58,7 +58,9 @@ from lib.datastore.label_upload import (
     read_geometry,
 )
 from lib.core.labelmap import LabelMap, load_labelmap
+from lib.core.review_config import QAConfig, load_review_config
 from lib.imaging.dicom_meta import case_from_dicom
+from lib.qa import qa_info
 from lib.imaging.volume_decode import check_client_image
 from lib.imaging.volume_io import write_label, write_volume
 
@@ -125,6 +127,7 @@ class DICOMwebDatastore(IndexedStore):
         client: a ready client (tests, authenticated sessions); default :func:`make_client`.
         search_filter: QIDO filter of the CT series served.
         refresh_interval_s: how long a listing of the server is reused before asking again.
+        qa: the annotation-standard checks run on every save (``configs/review.yaml``).
     """
 
     served_splits = (PACS_SPLIT,)
@@ -139,8 +142,10 @@ class DICOMwebDatastore(IndexedStore):
         client: DICOMwebClient | None = None,
         search_filter: dict[str, str] | None = None,
         refresh_interval_s: float = 10.0,
+        qa: QAConfig | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.qa = qa or load_review_config().qa
         self.client = client or make_client(self.url)
         self.lm = labelmap or load_labelmap()
         self.max_upload_bytes = max_upload_bytes
@@ -452,6 +457,11 @@ class DICOMwebDatastore(IndexedStore):
                 self.index.insert_label(db, image_id, tag, version, str(rel), "upload", time.time(), info)
                 if tag == FINAL_TAG:
                     self.index.release_leases([image_id], db)
+        try:  # the annotation standard's checks, as on a PanTS folder (image info ``qa``)
+            self.index.update_info({image_id: {"qa": qa_info(checked.array, image.affine, self.lm,
+                                                              self.qa, f"{tag} v{version}", time.time())}})
+        except Exception:  # noqa: BLE001 - the label is stored; a failed check must not fail the upload
+            logger.exception("QA of %s %s v%d failed", image_id, tag, version)
         if error:
             raise DatastoreError(502, f"label kept here as version {version}, but the DICOMweb server did "
                                       f"not store its SEG: {error}")

@@ -44,7 +44,7 @@ from lib.core.review_config import ReviewConfig
 from lib.datastore import provenance
 from lib.datastore.index import dumps
 from lib.datastore.protocol import FINAL_TAG, IMPORTED_TAG
-from lib.qa import run_checks, summary
+from lib.qa import qa_info
 
 if TYPE_CHECKING:
     import sqlite3
@@ -342,8 +342,7 @@ class ReviewLayer:
 
     # ---- QA -----------------------------------------------------------------------------------
     def check_label(self, image_id: str, array: np.ndarray, affine: np.ndarray, what: str) -> dict[str, Any]:
-        findings = run_checks(array, affine, self.ds.lm, self.cfg.qa)
-        result = {**summary(findings, what), "ts": int(time.time())}
+        result = qa_info(array, affine, self.ds.lm, self.cfg.qa, what, time.time())
         self.ds.update_image_info(image_id, {"qa": result})
         return result
 

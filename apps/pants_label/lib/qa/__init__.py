@@ -6,6 +6,6 @@ checks (:mod:`laterality`, :mod:`pancreas`, :mod:`morphology`); :func:`run_check
 all and :func:`summary` turns the findings into what image info stores under ``qa``.
 """
 
-from lib.qa.findings import Finding, LabelView, run_checks, summary
+from lib.qa.findings import Finding, LabelView, qa_info, run_checks, summary
 
-__all__ = ["Finding", "LabelView", "run_checks", "summary"]
+__all__ = ["Finding", "LabelView", "qa_info", "run_checks", "summary"]

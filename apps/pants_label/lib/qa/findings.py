@@ -133,4 +133,9 @@ def summary(findings: list[Finding], label: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["Finding", "LabelView", "SEVERITIES", "run_checks", "summary"]
+def qa_info(label: np.ndarray, affine: np.ndarray, labelmap: LabelMap, cfg: QAConfig, what: str, now: float) -> dict[str, Any]:
+    """Image info ``qa`` of one stored label (both datastores write it on every save)."""
+    return {**summary(run_checks(label, affine, labelmap, cfg), what), "ts": int(now)}
+
+
+__all__ = ["Finding", "LabelView", "SEVERITIES", "qa_info", "run_checks", "summary"]

@@ -18,6 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
+from monailabel.client import MONAILabelClient
 from nibabel import orientations as nio
 from pydicom.dataset import Dataset
 
@@ -207,10 +209,15 @@ def test_final_label_round_trips_as_dicom_seg(pacs: dict, client, tmp_path: Path
     sid = _series_uid(case)
     before = {str(d.SeriesInstanceUID) for d in _qido(pacs["orthanc"], "SEG")}
     path, label_info, canonical = _slicer_label(pacs, case, tmp_path)
-    client.save_label(sid, str(path), "final", {"label_info": label_info})
+    reader = MONAILabelClient(pacs["server"].url, tmpdir=str(tmp_path), client_id="reader-a")  # as Slicer sends it
+    reader.save_label(sid, str(path), "final", {"label_info": label_info, "time_spent_s": 95})
 
     new = [d for d in _qido(pacs["orthanc"], "SEG") if str(d.SeriesInstanceUID) not in before]
     assert len(new) == 1 and new[0].ContentLabel == "FINAL"
+    # who saved it and how long it took, as on a PanTS folder; the SEG names the reader too
+    info = requests.get(f"{pacs['server'].url}/datastore/label/info", params={"label": sid, "tag": "final"},
+                        timeout=30).json()
+    assert info["provenance"] == {"source": "reader", "reader": "reader-a", "reader_from": "client_id", "seconds": 95}
     dw = make_client(pacs["orthanc"].dicomweb)
     study = stable_uid(case, "study")
     (seg,) = dw.retrieve_series(study, str(new[0].SeriesInstanceUID))

@@ -118,6 +118,7 @@ def test_rollback_over_http_and_cli_is_served_without_restart(server_a: Server, 
     info = requests.get(f"{server_a.url}/datastore/label/info", params={"label": "PanTS_00000002", "tag": "original"},
                         timeout=30).json()
     assert info["params"]["model_version"] == "v1"  # the stored prediction names its model
+    assert info["provenance"]["source"] == "model" and info["provenance"]["model_version"] == "v1"
 
     digest = ModelStore(store_dir, "fast").serving_sha256()
     for query, status, words in [({"version": "v9"}, 404, ("v9", "v1, v2")), ({}, 400, ("version",)),

@@ -139,6 +139,11 @@ def test_annotate_campaign_records_provenance_and_qa_but_no_readings(tree: Path,
     assert "original" not in ds.json()["objects"][IDS[1]]["labels"]
     _save(ds, IDS[1], label, "batch", tmp_path, tag="original")
     assert ds.get_label_info(IDS[1], "original")["provenance"]["source"] == "model"
+    # an inference stored by the server names the model version that produced it (a bad name is dropped)
+    _save(ds, IDS[1], label, "batch", tmp_path, tag="original", params={"model_version": "v3"})
+    assert ds.get_label_info(IDS[1], "original")["provenance"]["model_version"] == "v3"
+    _save(ds, IDS[1], label, "batch", tmp_path, tag="original", params={"model_version": "../v3"})
+    assert "model_version" not in ds.get_label_info(IDS[1], "original")["provenance"]
 
 
 def test_front_identity_wins_over_client_id(tree: Path, tmp_path: Path, front_secret: None) -> None:

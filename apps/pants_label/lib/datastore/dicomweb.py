@@ -41,6 +41,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.core.atomic import staged_dir
+from lib.datastore import provenance
 from lib.datastore.index import loads
 from lib.datastore.indexed import IndexedStore
 from lib.datastore.pacs_index import PACS_SPLIT, PacsIndex, migrate_v1
@@ -417,6 +418,9 @@ class DICOMwebDatastore(IndexedStore):
         local = self._latest_local(check_image_id(label_id, "label"), tag)
         info = {**loads(local.info), "version": local.version, "ts": local.ts} if local else {}
         info.pop("seg", None)
+        prov = provenance.of_version(self.index.conn(), label_id, tag, local.version) if local else None
+        if prov is not None:
+            info["provenance"] = prov.as_info()
         seg = self.index.latest_seg(label_id, tag) if tag in (FINAL_TAG, IMPORTED_TAG) else None
         if seg:
             info["SeriesInstanceUID"] = seg
@@ -439,6 +443,7 @@ class DICOMwebDatastore(IndexedStore):
         params = dict(label_info or {})
         image = read_geometry(self.get_image_uri(image_id))
         checked = check_label(label_filename, image, self.lm, params.get("label_info"), self.max_upload_bytes)
+        prov = provenance.for_upload(tag, params)  # refuses a bad time_spent_s before any write
         with self._lock(f"label:{image_id}:{tag}"):
             with self.index.read() as db:
                 version = self.index.next_version(db, image_id, tag)
@@ -448,13 +453,15 @@ class DICOMwebDatastore(IndexedStore):
             seg_uid, error = None, None
             if tag == FINAL_TAG:
                 try:
-                    seg_uid = self._store_seg(image_id, checked.array, image.affine, params)
+                    seg_uid = self._store_seg(image_id, checked.array, image.affine, prov.reader)
                     info["seg"] = seg_uid
                 except Exception as err:
                     error = f"{type(err).__name__}: {err}"
                     info["pacs_error"] = error
+            now = time.time()
             with self.index.write() as db:
-                self.index.insert_label(db, image_id, tag, version, str(rel), "upload", time.time(), info)
+                self.index.insert_label(db, image_id, tag, version, str(rel), "upload", now, info)
+                provenance.record(db, image_id, tag, version, prov, now)
                 if tag == FINAL_TAG:
                     self.index.release_leases([image_id], db)
         try:  # the annotation standard's checks, as on a PanTS folder (image info ``qa``)
@@ -468,9 +475,9 @@ class DICOMwebDatastore(IndexedStore):
         logger.info(f"saved {tag} label v{version} for {image_id}" + (f" as SEG {seg_uid}" if seg_uid else ""))
         return image_id
 
-    def _store_seg(self, image_id: str, label: np.ndarray, affine: np.ndarray, params: dict[str, Any]) -> str:
+    def _store_seg(self, image_id: str, label: np.ndarray, affine: np.ndarray, reader: str | None) -> str:
         geom = self.series_geometry(image_id)
-        creator = str(params.get("client_id") or params.get("user") or "") or None
+        creator = reader  # the front's user when there is one, else the client's id (provenance)
         seg = label_to_seg(label, affine, geom, lm=self.lm, content_label="FINAL",
                            description="PanTS final label (MONAI Label)",
                            creator=f"{creator}^" if creator and "^" not in creator else creator)

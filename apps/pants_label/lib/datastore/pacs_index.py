@@ -1,7 +1,8 @@
 """The DICOMweb datastore's index: the shared :class:`~lib.datastore.index.Index` plus DICOM SEG series.
 
 CT series are ``images`` rows (split ``pacs``), so scores, leases, change counters, label
-versions and image info are the same tables and the same SQL as for a PanTS folder. What only a
+versions and image info are the same tables and the same SQL as for a PanTS folder. The ``provenance`` table (who saved each
+label version) is the PanTS folder's too. What only a
 PACS has is the ``segs`` table: SEG series found on the server, the CT series each references
 and the tag its ContentLabel gives. A scan counts as labelled under a tag when it has a live
 label version of that tag here *or* a SEG of that tag on the server.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.core.atomic import commit
+from lib.datastore import provenance
 from lib.datastore.index import Index, dumps, loads, placeholders
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ class PacsIndex(Index):
     """:class:`Index` with the ``segs`` table (see module docstring)."""
 
     def extra_schema(self) -> list[str]:
-        return list(_SEGS)
+        # who saved each label version, as on a PanTS folder (one table definition for both)
+        records = [stmt for stmt in provenance.SCHEMA.split(";") if stmt.strip()]
+        return [*_SEGS, *records]
 
     # ---- labelled = a live version here or a SEG on the server --------------------------------
     def _live_label_conditions(

@@ -19,6 +19,7 @@ The PanTS masks (tag ``pants``) are not label versions: their record is implied
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -84,21 +85,38 @@ def _seconds(params: dict[str, Any]) -> float | None:
     return value
 
 
+_VERSION = re.compile(r"v[0-9]{1,9}")
+
+
+def _model_version(tag: str, params: dict[str, Any]) -> str | None:
+    """The model-store version named by an inference result stored as ``original``.
+
+    MONAI Label's infer with ``save_label`` stores the result with ``{"model": ..., "params": <the
+    infer task's answer>}``; the segmentation task puts the serving version into that answer.
+    """
+    if tag != MODEL_TAG:
+        return None
+    answer = params.get("params")
+    found = answer.get("model_version") if isinstance(answer, dict) else params.get("model_version")
+    return found if isinstance(found, str) and _VERSION.fullmatch(found) else None
+
+
 def for_upload(tag: str, params: dict[str, Any]) -> Provenance:
-    """The record of a label a client is uploading now (the request's trusted identity first).
+    """The record of a label being stored now (the request's trusted identity first).
 
     Raises:
         ClientError: 400 for a ``time_spent_s`` that is not a number of seconds in 0..86400.
     """
     seconds = _seconds(params)
     source = "model" if tag == MODEL_TAG else "reader"
+    version = _model_version(tag, params)
     who = current_identity()
     if who is not None:
-        return Provenance(source, who.name, "front", who.role, seconds)
+        return Provenance(source, who.name, "front", who.role, seconds, version)
     client = params.get("client_id")
     if isinstance(client, str) and client.strip():
-        return Provenance(source, client.strip()[:64], "client_id", None, seconds)
-    return Provenance(source, None, "none", None, seconds)
+        return Provenance(source, client.strip()[:64], "client_id", None, seconds, version)
+    return Provenance(source, None, "none", None, seconds, version)
 
 
 def record(db: sqlite3.Connection, image_id: str, tag: str, version: int, prov: Provenance, ts: float) -> None:

@@ -27,7 +27,10 @@ Examples
 
 The weights are the dataset's served model (<images>/.pants_label/models/segresnet_<preset>.pt, the
 server's default store for that dataset) unless --model names a file (a served file or a version's
-model.pt in any model store). An --out that holds predictions of another model is refused.
+model.pt in any model store). An --out that holds predictions of another model is refused. As in
+the server's infer, the pancreas second stage runs when its weights (segresnet_pancreas.pt, the
+``second_stage`` preset of configs/presets.yaml) are beside the first stage's; --no-second-stage
+turns it off.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from lib.model.metrics import LESION_CLASS, lesion_score_from_label
 from lib.datastore.pants import STATE_DIRNAME
 from lib.model.model_store import ModelStore, model_path, read_json, weights_identity, write_json_atomic
 from lib.model.store_location import MODELS_DIRNAME
+from lib.model.pancreas_stage import SecondStage
 from lib.model.segmenter import Segmenter, prepare, upsample_argmax
 from lib.core.settings import load_segmentation_config
 from lib.imaging.volume_io import load_volume, write_label
@@ -121,7 +125,8 @@ def lesion_max_probability(logits: torch.Tensor, channel: int, slab: int = 16) -
     return best
 
 
-def segment_scan(seg: Segmenter, ct: Path, labelmap: LabelMap) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def segment_scan(seg: Segmenter, ct: Path, labelmap: LabelMap, second: SecondStage | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Label map, affine and lesion scores of one CT (the infer task's pipeline, plus lesion probability)."""
     t0 = time.perf_counter()
     vol = load_volume(ct)
@@ -131,6 +136,8 @@ def segment_scan(seg: Segmenter, ct: Path, labelmap: LabelMap) -> tuple[np.ndarr
     label = upsample_argmax(logits, prep.canonical_shape, seg.cfg.output_slab_slices)
     del logits
     label = np.ascontiguousarray(prep.reorient.from_canonical(label))  # type: ignore[attr-defined]
+    if second is not None:
+        label, _ = second.refine(vol, label)
     spacing = tuple(float(s) for s in np.linalg.norm(vol.affine[:3, :3], axis=0))
     ml = lesion_score_from_label(label, spacing, labelmap)
     info = {"score": round(prob, 6), "lesion_ml": round(ml, 4), "lesion_max_prob": round(prob, 6),
@@ -188,8 +195,10 @@ def merge_scores(out: Outputs, cases: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def record_model(out: Outputs, weights: Path, preset: str, images: Path) -> dict[str, Any]:
-    """Write ``model.json`` (which weights, which version); refuse an --out made by another model."""
+def record_model(out: Outputs, weights: Path, preset: str, images: Path, second: SecondStage | None = None
+                 ) -> dict[str, Any]:
+    """Write ``model.json`` (which weights, which version, the second stage's too); refuse an --out
+    made by another model."""
     if not weights.is_file():
         model: dict[str, Any] = {"path": str(weights), "sha256": None, "version": None, "note": "untrained (random weights)"}
     else:
@@ -198,8 +207,12 @@ def record_model(out: Outputs, weights: Path, preset: str, images: Path) -> dict
         if warning:
             log.warning(warning)
             model["warning"] = warning
+    if second is not None:
+        model["second_stage"] = weights_identity(second.segmenter.model_path, second.segmenter.preset_name)
     before = read_json(out.root / "model.json")
-    if before and before.get("sha256") != model["sha256"] and any(out.root.joinpath("scores").iterdir()):
+    stage2 = (before or {}).get("second_stage", {}).get("sha256"), model.get("second_stage", {}).get("sha256")
+    if before and (before.get("sha256") != model["sha256"] or stage2[0] != stage2[1]) \
+            and any(out.root.joinpath("scores").iterdir()):
         raise SystemExit(f"--out {out.root}: holds predictions of another model ({before.get('version') or before.get('sha256')}); "
                          "use a new --out folder")
     write_json_atomic(out.root / "model.json", model)
@@ -219,11 +232,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--model {weights}: no weights there (train first, or --allow-untrained for a dry run)")
     seg = Segmenter(cfg, labelmap, preset, weights, str(device))
     seg.network()  # load once, before the first scan
+    stage2 = model_path(weights.parent, cfg.second_stage.preset)
+    second = None
+    if stage2.is_file() and not args.no_second_stage:
+        second = SecondStage(Segmenter(cfg, labelmap, cfg.second_stage.preset, stage2, str(device)),
+                             cfg.second_stage.margin_mm)
+        second.segmenter.network()
 
     out = Outputs(Path(args.out))
     for sub in ("labels", "scores", "errors"):
         (out.root / sub).mkdir(parents=True, exist_ok=True)
-    model = record_model(out, weights, preset, Path(args.images)) if rank == 0 else {}
+    model = record_model(out, weights, preset, Path(args.images), second) if rank == 0 else {}
     if world > 1:
         box = [model]
         dist.broadcast_object_list(box, src=0)
@@ -243,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     todo_set, failed = set(todo), 0
     for case in mine:
         try:
-            label, affine, info = segment_scan(seg, scans[case], labelmap)
+            label, affine, info = segment_scan(seg, scans[case], labelmap, second)
             write_label(label, affine, out.label(case))
             write_json_atomic(out.score(case), {"case": case, **info, "rank": rank, "image": str(scans[case]),
                                                 "model_mtime": seg.info.mtime, "preset": preset,
@@ -286,6 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N scans (by id)")
     p.add_argument("--allow-untrained", action="store_true", help="run with random weights when no model exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-second-stage", action="store_true", help="stage 1 alone, even with pancreas-stage weights")
     return p.parse_args(argv)
 
 

@@ -41,7 +41,8 @@ from lib.core.settings import load_segmentation_config  # noqa: E402
 from lib.datastore.pants import PanTSDatastore  # noqa: E402
 from lib.imaging.volume_io import load_volume  # noqa: E402
 from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
-from lib.model.model_store import model_path  # noqa: E402
+from lib.core.atomic import write_json_atomic  # noqa: E402
+from lib.model.model_store import model_path, publish  # noqa: E402
 from lib.model.pancreas_stage import crop, merge, region_box, write_crop_case  # noqa: E402
 from lib.model.segmenter import Segmenter  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(preset=STAGE2)
     p.add_argument("--stage1", type=Path, default=DEMO, help="whole-body weights (preset fast)")
     p.add_argument("--margins", type=float, nargs="+", default=(16.0, 32.0), help="training box margins, mm")
-    p.add_argument("--test-margin", type=float, default=24.0, help="margin of the box around stage 1's pancreas, mm")
+    p.add_argument("--test-margin", type=float, default=load_segmentation_config().second_stage.margin_mm,
+                   help="margin of the box around stage 1's pancreas, mm (default: infer's, configs/presets.yaml)")
     p.add_argument("--lesion-boxes", type=int, default=0,
                    help="extra boxes per lesion-positive training scan, shifted at random by up to 16 mm")
     return p
@@ -134,6 +136,29 @@ def evaluate(stage1: Segmenter, stage2: Segmenter, lm: LabelMap, root: Path, mar
     return out
 
 
+def save_model(weights: Path, args: argparse.Namespace, summary: dict) -> Path:
+    """Publish stage 2 into ``args.save_model`` with a phantom-model card (``model_card_<preset>.json``
+    beside it, and inside the weights file)."""
+    blob = torch.load(weights, map_location="cpu", weights_only=True)
+    card = {**blob["meta"], "phantom_model": True, "note": bench_learning.PHANTOM_NOTE,
+            "command": "python scripts/" + Path(sys.argv[0]).name + " " + " ".join(sys.argv[1:]),
+            "phantoms": {"n_train": args.n_train, "n_test": args.n_test, "shape": list(args.shape),
+                         "spacing_mm": list(args.spacing), "seed": args.data_seed},
+            "stage1_weights": Path(summary["stage1_weights"]).name, "training_boxes": summary["crops"],
+            "test_dice": {"stage1": _rounded(summary["stage1"]), "two_stages": _rounded(summary["two_stage"])},
+            "train_wall_s": round(summary["train_wall_min"] * 60, 1), "train_cpu_s": round(summary["train_cpu_min"] * 60, 1),
+            "threads": args.threads, "device": summary["device"], "torch": str(torch.__version__)}
+    out = model_path(args.save_model, args.preset)
+    publish(blob["state_dict"], card, out)
+    write_json_atomic(args.save_model / f"model_card_{args.preset}.json", card)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and its model_card_{args.preset}.json")
+    return out
+
+
+def _rounded(d: dict) -> dict:
+    return {k: None if isinstance(v, float) and math.isnan(v) else round(float(v), 4) for k, v in d.items()}
+
+
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else math.nan
@@ -170,12 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         stage1 = Segmenter(load_segmentation_config(), lm, "fast", args.stage1, device)
         stage2 = Segmenter(trainer.cfg, lm, args.preset, weights, device)
         result = evaluate(stage1, stage2, lm, root, args.test_margin)
+        summary = {**result, "train_wall_min": round(wall / 60, 2), "train_cpu_min": round(cpu / 60, 2),
+                   "crops": n, "iterations": stats.get("iterations"), "val_metric": stats.get("best_metric"),
+                   "request": request, "stage1_weights": str(args.stage1), "data": str(root), "device": device}
         if args.save_model:
-            args.save_model.mkdir(parents=True, exist_ok=True)
-            (args.save_model / weights.name).write_bytes(weights.read_bytes())
-    summary = {**result, "train_wall_min": round(wall / 60, 2), "train_cpu_min": round(cpu / 60, 2),
-               "crops": n, "iterations": stats.get("iterations"), "val_metric": stats.get("best_metric"),
-               "request": request, "stage1": str(args.stage1), "data": str(root)}
+            save_model(weights, args, summary)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     keys = [k for k in result["stage1"]]
     print(f"\n{'test DSC':<22} {'stage 1':>8} {'2 stages':>9}")

@@ -15,8 +15,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from lib.core.labelmap import load_labelmap
+from lib.core.settings import load_segmentation_config
+from lib.model.model_store import publish
+from lib.model.segmenter import build_network
 from pants_tools.phantom import write_pants_tree
 from server import Server, run_server_expecting_failure
 
@@ -160,6 +164,24 @@ def test_training_publishes_a_model_that_infer_uses_without_restart(app, client)
     _, _, after = _infer(client, "PanTS_00000001", {})
     assert after["trained"] is True
     assert after["model_mtime"] == pytest.approx((app[2] / "segresnet_fast.pt").stat().st_mtime)
+
+
+def test_pancreas_stage_is_used_once_its_weights_are_published(app, client) -> None:
+    stage = client.info()["models"]["segmentation"]["second_stage"]
+    assert stage["preset"] == "pancreas" and stage["ready"] is False
+    _, _, alone = _infer(client, "PanTS_00000002", {})
+    assert "second_stage" not in alone and "stage2" not in alone["latencies"]
+
+    cfg = load_segmentation_config()
+    torch.manual_seed(0)
+    meta = {"labels": LM.names, "preset": "pancreas", "preprocessing": cfg.preprocessing.input_map()}
+    publish(build_network(cfg, LM.num_classes).state_dict(), meta, app[2] / "segresnet_pancreas.pt")
+    model = client.info()["models"]["segmentation"]
+    assert model["second_stage"]["ready"] is True and "pancreas region at 2 mm" in model["description"]
+    label, _, both = _infer(client, "PanTS_00000002", {})
+    assert both["second_stage"]["preset"] == "pancreas" and "stage2" in both["latencies"]
+    assert label.shape == nib.load(app[1] / "ImageTr" / "PanTS_00000002" / "ct.nii.gz").shape
+    (app[2] / "segresnet_pancreas.pt").unlink()  # the rest of the module: stage 1 alone
 
 
 def test_bad_conf_stops_the_server_naming_the_key(tmp_path: Path) -> None:

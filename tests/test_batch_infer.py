@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lib.core.labelmap import load_labelmap
-from lib.model.model_store import ModelStore
+from lib.model.model_store import ModelStore, model_path
+from lib.model.pancreas_stage import SecondStage
 from pants_tools.phantom import write_pants_tree
 from lib.model.segmenter import Segmenter, build_network
 from lib.core.settings import load_segmentation_config
@@ -112,3 +113,26 @@ def test_evaluate_names_the_version_and_another_model_cannot_add_to_the_same_out
     proc = _run(["--images", str(base / "PanTS"), "--out", str(out), "--preset", "fast"], torchrun=False)
     assert proc.returncode != 0 and "holds predictions of another model (v1)" in proc.stderr
     assert json.loads((out / "model.json").read_text())["version"] == "v1"
+
+
+def test_pancreas_stage_beside_the_weights_is_used_as_the_server_would(pool, tmp_path: Path) -> None:
+    base, weights = pool
+    torch.manual_seed(6)
+    stage2 = ModelStore(weights.parent, CFG.second_stage.preset)
+    meta = {"labels": LM.names, "preset": CFG.second_stage.preset}
+    assert stage2.publish(build_network(CFG, LM.num_classes).state_dict(), meta, {}) == "v1"
+    try:
+        out = tmp_path / "two"
+        proc = _run(["--images", str(base / "PanTS"), "--out", str(out), "--preset", "fast", "--limit", "1"],
+                    torchrun=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        model = json.loads((out / "model.json").read_text())
+        assert model["second_stage"]["version"] == "v1" and model["second_stage"]["path"] == str(stage2.serving_path)
+        vol = load_volume(base / "PanTS" / "ImageTr" / "PanTS_00000001" / "ct.nii.gz")
+        first, _ = Segmenter(CFG, LM, "fast", model_path(weights.parent, "fast")).segment(vol)
+        stage = SecondStage(Segmenter(CFG, LM, CFG.second_stage.preset, stage2.serving_path), CFG.second_stage.margin_mm)
+        expected, _ = stage.refine(vol, first)
+        got = np.asarray(nib.load(out / "labels" / "PanTS_00000001.nii.gz").dataobj)
+        np.testing.assert_array_equal(got, expected)
+    finally:
+        stage2.serving_path.unlink()

@@ -1,5 +1,6 @@
-"""The second stage's geometry without a network: the box around the pancreas region, the crop's
-affine, and the merge that lets stage 2 decide only the pancreas region inside its box."""
+"""The second stage: the box around the pancreas region, the crop's affine, the merge that lets
+stage 2 decide only the pancreas region inside its box, and infer's :class:`SecondStage` with
+(random) published weights."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from lib.core.labelmap import load_labelmap
+from lib.core.settings import load_segmentation_config
 from lib.imaging.volume_io import Volume
-from lib.model.pancreas_stage import crop, merge, region_box, write_crop_case
+from lib.model.model_store import publish
+from lib.model.pancreas_stage import SecondStage, crop, merge, region_box, region_ids, write_crop_case
+from lib.model.segmenter import Segmenter, build_network
 
 LM = load_labelmap()
 HEAD, LESION, LIVER = LM.id_of("pancreas_head"), LM.id_of("pancreatic_lesion"), LM.id_of("liver")
@@ -65,3 +70,38 @@ def test_crop_case_is_a_pants_case_with_one_mask_per_present_structure(tmp_path:
     assert masks == ["liver.nii.gz", "pancreas_head.nii.gz", "pancreatic_lesion.nii.gz"]  # the liver reaches into the box
     img = nib.load(tmp_path / "ImageTr" / "c" / "ct.nii.gz")
     assert img.shape == (18, 12, 8) and np.allclose(img.affine[:3, 3], (12.0, 16.0, 12.0))
+
+
+def _stage_two(path: Path) -> SecondStage:
+    cfg = load_segmentation_config()
+    return SecondStage(Segmenter(cfg, LM, cfg.second_stage.preset, path), cfg.second_stage.margin_mm)
+
+
+def test_second_stage_waits_for_weights_then_decides_only_the_region_in_its_box(tmp_path: Path) -> None:
+    cfg = load_segmentation_config()
+    weights = tmp_path / "segresnet_pancreas.pt"
+    stage = _stage_two(weights)
+    assert not stage.ready()  # infer stays stage 1 alone until weights are published
+    torch.manual_seed(0)
+    meta = {"labels": LM.names, "preset": "pancreas", "preprocessing": cfg.preprocessing.input_map()}
+    publish(build_network(cfg, LM.num_classes).state_dict(), meta, weights)
+    assert stage.ready()
+
+    rng = np.random.default_rng(0)
+    vol = Volume(rng.normal(0, 200, (64, 48, 40)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    first = np.zeros(vol.array.shape, np.uint8)
+    first[:, :, :] = LIVER
+    first[30:36, 20:26, 18:22] = HEAD
+    out, lat = stage.refine(vol, first)
+    assert out.shape == first.shape and out.dtype == np.uint8 and lat["stage2"] >= 0
+    box = region_box(first, LM, (2.0, 2.0, 2.0), cfg.second_stage.margin_mm)
+    outside = np.ones(first.shape, bool)
+    outside[box] = False
+    assert np.array_equal(out[outside], first[outside])  # beyond the box: stage 1, voxel for voxel
+    region = np.isin(out, region_ids(LM)) | np.isin(first, region_ids(LM))
+    assert np.array_equal(out[~region], first[~region])  # in the box, only the pancreas region changes
+    assert not np.array_equal(out, first)  # random weights do decide something there
+
+    no_pancreas = np.full(first.shape, LIVER, np.uint8)
+    same, _ = stage.refine(vol, no_pancreas)
+    assert np.array_equal(same, no_pancreas)

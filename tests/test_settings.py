@@ -49,3 +49,11 @@ def test_bad_preset_values_name_the_key() -> None:
     data["preprocessing"]["hu_max"] = -2000
     with pytest.raises(ConfigError, match=r"preprocessing\.hu_max"):
         validate_model("presets.yaml", SegmentationConfig, data)
+    data = load_segmentation_config().model_dump()
+    data["second_stage"]["preset"] = "finer"
+    with pytest.raises(ConfigError, match=r"second_stage\.preset.*finer"):
+        validate_model("presets.yaml", SegmentationConfig, data)
+    data = load_segmentation_config().model_dump()
+    data["second_stage"]["margin_mm"] = -1
+    with pytest.raises(ConfigError, match=r"second_stage\.margin_mm"):
+        validate_model("presets.yaml", SegmentationConfig, data)

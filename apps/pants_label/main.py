@@ -32,6 +32,7 @@ from lib.datastore.protocol import ScoredStore  # noqa: E402
 from lib.model.model_store import ModelStore, model_path  # noqa: E402
 from lib.activelearning.retrain import RetrainScheduler, monailabel_launcher  # noqa: E402
 from lib.model.segmenter import Segmenter, default_threads  # noqa: E402
+from lib.model.pancreas_stage import SecondStage  # noqa: E402
 from lib.core.settings import AppSettings, load_segmentation_config  # noqa: E402
 from lib.activelearning.scoring import STATUS_NAME, ModelWatcher, PanTSScoring, StatusFile  # noqa: E402
 from lib.activelearning.strategies import make_strategies  # noqa: E402
@@ -81,6 +82,8 @@ class PanTSLabelApp(MONAILabelApp):
 
         self.model_dir = model_dir_for(self.settings.model_dir, datastore)
         self.models = ModelStore(self.model_dir, self.preset, dataset_identity(datastore))
+        # infer's pancreas stage: its own preset's versions in the same store
+        self.second_models = ModelStore(self.model_dir, self.seg_config.second_stage.preset, self.models.dataset)
         logger.info(f"PanTS Label: preset '{self.preset}' on {self.device}; models in {self.model_dir}")
         return datastore
 
@@ -123,7 +126,12 @@ class PanTSLabelApp(MONAILabelApp):
         segmenter = Segmenter(
             self.seg_config, self.labelmap, self.preset, model_path(self.model_dir, self.preset), self.device
         )
-        return {MODEL: PanTSSegmentation(segmenter, self.labelmap, self.models)}
+        stage = self.seg_config.second_stage
+        second = SecondStage(
+            Segmenter(self.seg_config, self.labelmap, stage.preset, model_path(self.model_dir, stage.preset), self.device),
+            stage.margin_mm,
+        )
+        return {MODEL: PanTSSegmentation(segmenter, self.labelmap, self.models, second, self.second_models)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {
@@ -154,6 +162,7 @@ class PanTSLabelApp(MONAILabelApp):
 
         recover(self.datastore(), self.model_dir)
         self.models.adopt_serving()  # weights placed by hand become a version with a card
+        self.second_models.adopt_serving()
         s = self.settings
         install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
         from lib.server.model_routes import install_model_routes

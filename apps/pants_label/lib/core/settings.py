@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lib.core.config_errors import ConfigError, load_yaml_model, validate_model
 from lib.core.labelmap import REPO_ROOT
@@ -149,6 +149,13 @@ class TrainingConfig(_Frozen):
         return self.model_copy(update=self.cpu.model_dump(exclude_none=True))
 
 
+class SecondStage(_Frozen):
+    """``second_stage``: the pancreas region again at a finer preset (lib/model/pancreas_stage.py)."""
+
+    preset: str = "pancreas"
+    margin_mm: float = Field(24.0, ge=0.0, le=100.0)
+
+
 class SegmentationConfig(_Frozen):
     """Everything in ``configs/presets.yaml``."""
 
@@ -157,6 +164,14 @@ class SegmentationConfig(_Frozen):
     presets: dict[str, Preset]
     output_slab_slices: int = Field(16, ge=1, le=512)
     training: TrainingConfig = TrainingConfig()
+    second_stage: SecondStage = SecondStage()
+
+    @model_validator(mode="after")
+    def _second_stage_preset(self) -> "SegmentationConfig":
+        if self.second_stage.preset not in self.presets:
+            raise ValueError(f"second_stage.preset: unknown preset {self.second_stage.preset!r}; "
+                             f"choose one of {sorted(self.presets)}")
+        return self
 
     def preset(self, name: str) -> Preset:
         try:

@@ -13,6 +13,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.core.errors import bad_request, unprocessable
 from lib.core.labelmap import LabelMap
 from lib.model.model_store import ModelStore
+from lib.model.pancreas_stage import SecondStage
 from lib.model.segmenter import Segmenter
 from lib.imaging.volume_io import load_volume, result_suffix, write_label
 
@@ -20,9 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 class PanTSSegmentation(InferTask):
-    """Runs :class:`lib.model.segmenter.Segmenter` and writes a uint8 label map in the image's geometry."""
+    """Runs :class:`lib.model.segmenter.Segmenter` (then the pancreas :class:`SecondStage` once it has
+    weights) and writes a uint8 label map in the image's geometry."""
 
-    def __init__(self, segmenter: Segmenter, labelmap: LabelMap, models: ModelStore | None = None) -> None:
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        labelmap: LabelMap,
+        models: ModelStore | None = None,
+        second: SecondStage | None = None,
+        second_models: ModelStore | None = None,
+    ) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labelmap.labels_dict(),
@@ -32,6 +41,8 @@ class PanTSSegmentation(InferTask):
         self.segmenter = segmenter
         self.labelmap = labelmap
         self.models = models
+        self.second = second
+        self.second_models = second_models
 
     # ---- what clients see
     def is_trained(self) -> bool:
@@ -45,6 +56,8 @@ class PanTSSegmentation(InferTask):
             f"PanTS 28-class SegResNet, preset '{self.segmenter.preset_name}' "
             f"({preset.spacing_mm[0]:g} mm)"
             + ("" if trained else " - UNTRAINED: random weights until a model is trained or placed in the model folder")
+            + (f", then the pancreas region at {self.second.segmenter.preset.spacing_mm[0]:g} mm"
+               if self.second and self.second.ready() else "")
         )
         info["trained"] = trained
         info["preset"] = self.segmenter.preset_name
@@ -52,6 +65,14 @@ class PanTSSegmentation(InferTask):
         info["model_file"] = os.path.basename(self.segmenter.model_path)
         info["model_version"] = self.models.serving_version() if self.models else None
         info["colors"] = {k: list(v) for k, v in self.labelmap.colors().items()}
+        if self.second is not None:
+            ready = self.second.ready()
+            info["second_stage"] = {
+                "preset": self.second.segmenter.preset_name,
+                "ready": ready,
+                "version": self.second_models.serving_version() if ready and self.second_models else None,
+                "model_file": os.path.basename(self.second.segmenter.model_path),
+            }
         return info
 
     def is_valid(self) -> bool:
@@ -88,6 +109,13 @@ class PanTSSegmentation(InferTask):
 
         label, stage = self.segmenter.segment(vol)
         latencies.update(stage)
+        second_version = None
+        if self.second is not None and self.second.ready():
+            label, stage = self.second.refine(vol, label)
+            latencies.update(stage)
+            info = self.second.segmenter.info
+            second_version = info.meta.get("version") or (
+                self.second_models.serving_version() if self.second_models else None)
 
         t = time.perf_counter()
         fd, out = tempfile.mkstemp(suffix=suffix, prefix="pants_seg_")
@@ -106,4 +134,6 @@ class PanTSSegmentation(InferTask):
             # the version that produced this label: store it with the label (see README, "Model versions")
             "model_version": self.model_version(),
         }
+        if second_version is not None or "stage2" in latencies:
+            params["second_stage"] = {"preset": self.second.segmenter.preset_name, "model_version": second_version}
         return out, params

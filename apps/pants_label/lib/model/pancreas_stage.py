@@ -8,12 +8,15 @@ same label map and training engine) sees only a box around the pancreas:
   written as a dataset of crops (:func:`write_crop_case`) that the ordinary train task learns;
 * infer: the box around the first stage's predicted pancreas region; inside it, the second stage
   decides every voxel that either stage calls pancreas, duct or lesion (:func:`merge`).
+  :class:`SecondStage` does this whenever the dataset's model store holds weights for the
+  ``second_stage`` preset (``configs/presets.yaml``); until then infer is the first stage alone.
 
 The pancreas region is the label map's ``pancreas`` group (gland, head, body, tail, duct, lesion).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +24,7 @@ import numpy as np
 
 from lib.core.labelmap import LabelMap
 from lib.imaging.volume_io import Volume
+from lib.model.segmenter import Segmenter
 
 Box = tuple[slice, slice, slice]
 
@@ -66,6 +70,29 @@ def merge(first: np.ndarray, second: np.ndarray, box: Box, lm: LabelMap) -> np.n
     return out
 
 
+class SecondStage:
+    """Infer's second stage over the first stage's pancreas region (see the module docstring)."""
+
+    def __init__(self, segmenter: Segmenter, margin_mm: float) -> None:
+        self.segmenter = segmenter
+        self.margin_mm = margin_mm
+
+    def ready(self) -> bool:
+        """Weights are in place (checked per request: a published stage 2 is used without a restart)."""
+        return self.segmenter.model_path.exists()
+
+    def refine(self, vol: Volume, first: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """``first`` with the region decided again; latencies ``stage2`` (s) and the box's voxels."""
+        t0 = time.perf_counter()
+        lm = self.segmenter.labelmap
+        box = region_box(first, lm, vol.spacing, self.margin_mm)
+        if box is None:  # no pancreas found: nothing to refine
+            return first, {"stage2": round(time.perf_counter() - t0, 3)}
+        second, _ = self.segmenter.segment(crop(vol, box))
+        out = merge(first, second, box, lm)
+        return out, {"stage2": round(time.perf_counter() - t0, 3)}
+
+
 def write_crop_case(image: Volume, label: np.ndarray, lm: LabelMap, box: Box, image_path: Path, mask_dir: Path) -> None:
     """One training case of the second stage in the PanTS layout: the CT crop and one mask per
     structure present in it (the datastore consolidates them as it does PanTS masks)."""
@@ -80,4 +107,4 @@ def write_crop_case(image: Volume, label: np.ndarray, lm: LabelMap, box: Box, im
             nib.save(nib.Nifti1Image(m.astype(np.uint8), part.affine), str(mask_dir / f"{c.name}.nii.gz"))
 
 
-__all__ = ["REGION_GROUP", "Box", "crop", "merge", "region_box", "region_ids", "write_crop_case"]
+__all__ = ["REGION_GROUP", "Box", "SecondStage", "crop", "merge", "region_box", "region_ids", "write_crop_case"]

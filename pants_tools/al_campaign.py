@@ -181,7 +181,10 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
 
 
 def labels_to_reach(labels: list[float], values: list[float], target: float) -> float:
-    """Labels at which the curve first reaches ``target`` (linear between rounds); inf if never."""
+    """Labels at which the curve first reaches ``target`` (linear between rounds); inf if never,
+    NaN when there is no target (``target`` NaN)."""
+    if math.isnan(target):
+        return math.nan
     for k, (n, v) in enumerate(zip(labels, values)):
         if v >= target:
             if k == 0:
@@ -204,6 +207,7 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
     """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves)."""
     out = []
     refs = {m: full_pool_reference(rows, m) for m in metrics}
+    prevalence = pool_lesion_share(rows)
     strategies = sorted({r["strategy"] for r in rows} - {"full"})
     for s in strategies:
         mine = [r for r in rows if r["strategy"] == s]
@@ -215,7 +219,9 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 by_labels.setdefault(int(r["labels"]), []).append(float(r[m]))
             labels = sorted(by_labels)
             curve = [float(np.nanmean(by_labels[n])) for n in labels]
-            target = 0.95 * ref
+            # a full-pool model that never segments it (lesion DSC 0) sets no target: every curve
+            # would "reach" 0 at once
+            target = 0.95 * ref if ref > 0 else math.nan
             rec[f"full_pool_{m}"] = round(float(ref), 4)
             rec[f"labels_to_95pct_{m}"] = labels_to_reach(labels, curve, target)
             rec[f"final_{m}"] = round(curve[-1], 4) if curve else math.nan
@@ -225,13 +231,60 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 rs = sorted((r for r in mine if r["seed"] == seed), key=lambda r: int(r["labels"]))
                 per_seed.append(labels_to_reach([int(r["labels"]) for r in rs], [float(r[m]) for r in rs], target))
             rec[f"per_seed_{m}"] = per_seed
+            reached = [v for v in per_seed if math.isfinite(v)]  # NaN (no target) and inf (never) left out
+            rec[f"seeds_reaching_{m}"] = len(reached)
+            rec[f"seed_mean_{m}"] = float(np.mean(reached)) if reached else math.inf
+            rec[f"seed_sd_{m}"] = float(np.std(reached, ddof=1)) if len(reached) > 1 else math.nan
         # what the strategy served, whatever the model learnt: lesion scans among the labelled
         last = max(int(r["labels"]) for r in mine)
         rec["final_labels"] = last
         rec["final_lesion_scans"] = round(float(np.mean(
             [int(r["lesion_scans_labelled"]) for r in mine if int(r["labels"]) == last])), 2)
+        # what random labelling would have served: the pool's lesion share (from the full runs) x labels
+        rec["expected_lesion_scans"] = round(last * prevalence, 2) if math.isfinite(prevalence) else math.nan
         out.append(rec)
     return out
+
+
+def pool_lesion_share(rows: list[dict[str, str]]) -> float:
+    """Lesion scans among the pool's scans, from a "full" run (which labels every pool scan)."""
+    full = [r for r in rows if r["strategy"] == "full" and int(r["labels"]) > 0]
+    if not full:
+        return math.nan
+    r = full[0]
+    return int(r["lesion_scans_labelled"]) / int(r["labels"])
+
+
+def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
+    """The README table: labels to 95% of the full-pool value (mean +- s.d. over seeds, share of
+    random's) per metric, and lesion scans served against the number expected at random."""
+    rnd = next((r for r in summary if r["strategy"] == "random"), None)
+
+    def cell(r: dict[str, Any], m: str) -> str:
+        mean, sd, n = r[f"seed_mean_{m}"], r[f"seed_sd_{m}"], r[f"seeds_reaching_{m}"]
+        if not r[f"full_pool_{m}"] > 0:
+            return f"n/a (full-pool value {r[f'full_pool_{m}']})"
+        if not n:
+            return "never"
+        txt = f"{mean:.1f}" + (f" +- {sd:.1f}" if math.isfinite(sd) else "")
+        if n < r["seeds"]:
+            txt += f" ({n} of {r['seeds']} seeds)"
+        base = rnd[f"seed_mean_{m}"] if rnd else math.nan
+        if math.isfinite(base) and base > 0:
+            txt += f" ({mean / base:.0%})"
+        return txt
+
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}. Labels needed to reach 95% of the full-pool value "
+        "(mean +- s.d. over the seeds that reach it; share of random's in brackets).",
+        "",
+        "| strategy | mean DSC | lesion DSC | lesion scans served (expected at random) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in summary:
+        lines.append(f"| {r['strategy']} | {cell(r, 'mean_dsc')} | {cell(r, 'lesion_dsc')} | "
+                     f"{r['final_lesion_scans']:.1f} of {r['final_labels']} ({r['expected_lesion_scans']:.1f}) |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc", "lesion_auc")) -> Path:
@@ -289,4 +342,5 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     return path
 
 
-__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_reference", "labels_to_reach", "plot_curves", "read_rows", "run_campaign", "summarize"]
+__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_reference", "labels_to_reach", "markdown_table", "plot_curves",
+           "pool_lesion_share", "read_rows", "run_campaign", "summarize"]

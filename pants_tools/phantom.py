@@ -33,13 +33,16 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from lib.core.atomic import atomic_write
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.imaging.metadata import PHASES, CaseMeta, write_metadata
+
+if TYPE_CHECKING:
+    from pants_tools.cohort import Cohort
 
 Vec3 = tuple[float, float, float]
 #: Hounsfield units by phase: (non-contrast, arterial, venous, delayed)
@@ -305,9 +308,14 @@ def _rng(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator
     return np.random.default_rng([seed, index, stream, *extra])
 
 
-def has_lesion(index: int, seed: int = 0) -> bool:
-    """Whether case ``index`` gets a pancreatic lesion (probability :data:`LESION_PREVALENCE`)."""
-    return bool(_rng(seed, index, _S_LESION_DRAW).random() < LESION_PREVALENCE)
+def has_lesion(index: int, seed: int = 0, prevalence: float = LESION_PREVALENCE) -> bool:
+    """Whether case ``index`` gets a pancreatic lesion (probability ``prevalence``)."""
+    return bool(_rng(seed, index, _S_LESION_DRAW).random() < prevalence)
+
+
+def lesion_volume_mm3(index: int, seed: int, cohort: Cohort) -> float:
+    """The physical tumour volume a cohort case's lesion is drawn with (before voxelization)."""
+    return float(cohort.tumor_volume_mm3.draw(_rng(seed, index, _S_LESION, 1)))
 
 
 def affine_for(spacing: Sequence[float]) -> np.ndarray:
@@ -327,8 +335,15 @@ def _check_geometry(
 
 
 def case_meta(index: int, *, spacing: Sequence[float] = (0.8, 0.8, 1.25), seed: int = 0,
-              centers: Sequence[Center] = DEFAULT_CENTERS, lesion: bool | None = None) -> CaseMeta:
-    """Metadata of a case without generating its volumes (what :func:`make_case` puts in ``meta``)."""
+              centers: Sequence[Center] = DEFAULT_CENTERS, lesion: bool | None = None,
+              cohort: Cohort | None = None) -> CaseMeta:
+    """Metadata of a case without generating its volumes (what :func:`make_case` puts in ``meta``).
+
+    With a ``cohort`` its centers and tumour prevalence replace ``centers`` and the default.
+    """
+    prevalence = LESION_PREVALENCE
+    if cohort is not None:
+        centers, prevalence = cohort.phantom_centers(), cohort.tumor_prevalence
     if not centers:
         raise ValueError("centers: at least one Center is required")
     rng = _rng(seed, index, _S_META)
@@ -339,7 +354,7 @@ def case_meta(index: int, *, spacing: Sequence[float] = (0.8, 0.8, 1.25), seed: 
     sex = "M" if rng.random() < 0.5 else "F"
     age = float(np.clip(round(rng.normal(61, 13)), 18, 95))
     diag_u = rng.random()
-    tumor = has_lesion(index, seed) if lesion is None else bool(lesion)
+    tumor = has_lesion(index, seed, prevalence) if lesion is None else bool(lesion)
     diagnosis = ("PDAC" if diag_u < 0.75 else "cyst") if tumor else "normal"
     return CaseMeta(case_id=case_id(index), center=center.name, contrast_phase=phase, age=age, sex=sex,
                     spacing=tuple(float(s) for s in spacing), diagnosis=diagnosis, tumor=tumor)
@@ -574,12 +589,13 @@ def _gland_cut(u: np.ndarray, cuts: tuple[float, float], part: str) -> np.ndarra
 
 
 def _place_lesion(gland: _PlacedTube, cuts: tuple[float, float], diagnosis: str, min_radius: float,
-                  rng: np.random.Generator) -> tuple[str, _PlacedEllipsoid]:
+                  rng: np.random.Generator, radius: float | None = None) -> tuple[str, _PlacedEllipsoid]:
     """A lesion in the head (60%), body (25%) or tail (15%), centred near the gland's axis.
 
-    Sizes follow PanTS relative to the gland (median ~10 mm radius in an adult) but never
-    drop below ``min_radius``, so a tumor-positive case always shows a lesion at the grid's
-    resolution.
+    Sizes follow PanTS relative to the gland (median ~10 mm radius in an adult), or are the
+    given equivalent-sphere ``radius`` (canonical mm; cohort pools draw it from the cohort's
+    volume distribution), but never drop below ``min_radius``, so a tumor-positive case
+    always shows a lesion at the grid's resolution.
     """
     part = ("pancreas_head", "pancreas_body", "pancreas_tail")[int(rng.choice(3, p=[0.6, 0.25, 0.15]))]
     # Candidate centres along the centreline; keep those inside the chosen part.
@@ -593,7 +609,10 @@ def _place_lesion(gland: _PlacedTube, cuts: tuple[float, float], diagnosis: str,
     r = float(np.clip(median * np.exp(rng.normal(0, 0.4)), 4.0, min(22.0, rad[k] + 4)))
     center = pts[k] + rng.normal(0, 0.25 * rad[k], 3)
     a = rng.normal(0, 0.12 if diagnosis == "PDAC" else 0.04, (3, 3))
-    radii = np.maximum(r * np.exp(rng.normal(0, 0.15, 3)), min_radius)
+    axes = rng.normal(0, 0.15, 3)
+    if radius is not None:  # the drawn volume: axes vary, their product does not
+        r, axes = radius, axes - axes.mean()
+    radii = np.maximum(r * np.exp(axes), min_radius)
     return part, _PlacedEllipsoid(center, radii, _rotation(*rng.uniform(-90, 90, 3)), (a + a.T) / 2)
 
 
@@ -608,6 +627,7 @@ def make_case(
     seed: int = 0,
     centers: Sequence[Center] = DEFAULT_CENTERS,
     lesion: bool | None = None,
+    cohort: Cohort | None = None,
 ) -> Phantom:
     """Generate one synthetic abdominal CT with its 28 PanTS masks.
 
@@ -618,6 +638,8 @@ def make_case(
         seed: dataset seed; the same (seed, index, shape, spacing) gives identical arrays.
         centers: sites to draw from (noise, calibration, phase mix).
         lesion: force a pancreatic lesion on or off; ``None`` draws it (see :func:`has_lesion`).
+        cohort: draw centers, tumour prevalence and the tumour's physical volume
+            (:func:`lesion_volume_mm3`) from this spec (:mod:`pants_tools.cohort`) instead.
 
     Returns:
         :class:`Phantom` with int16 HU ``ct``, uint8 ``masks`` for all 28 classes (all-zero
@@ -627,7 +649,9 @@ def make_case(
         ValueError: bad shape, spacing or centers.
     """
     shape_t, spacing_t = _check_geometry(shape, spacing)
-    meta = case_meta(index, spacing=spacing_t, seed=seed, centers=centers, lesion=lesion)
+    meta = case_meta(index, spacing=spacing_t, seed=seed, centers=centers, lesion=lesion, cohort=cohort)
+    if cohort is not None:
+        centers = cohort.phantom_centers()
     center = next(c for c in centers if c.name == meta.center)
     lm = load_labelmap()
 
@@ -646,10 +670,19 @@ def make_case(
     aorta = placed["aorta"].shapes[0]
     assert isinstance(smv, _PlacedTube) and isinstance(aorta, _PlacedTube)
     cuts = (float(smv.points[0, 0]), float(aorta.points[:, 0].mean() + aorta.radii.mean()))
+    lesion_grow = _MARGIN_MM
     if meta.tumor:
         min_radius = 1.5 * float(grid.voxel_mm[:2].max())
+        radius = None
+        if cohort is not None:
+            # physical mm per canonical mm, per axis: the drawn volume is the lesion's physical one
+            mm_per_canon = float(np.prod(np.array(spacing_t) / grid.voxel_mm)) ** (1 / 3)
+            radius = (3 * lesion_volume_mm3(index, seed, cohort) / (4 * np.pi)) ** (1 / 3) / mm_per_canon
+            # a large tumour grows out of the gland (PanTS: a lesion may reach past it); clipping it
+            # to the gland's 3 mm margin would cut the volume the cohort asks for
+            lesion_grow = max(_MARGIN_MM, radius)
         lesion_part, lesion_geo = _place_lesion(gland, cuts, meta.diagnosis or "PDAC", min_radius,
-                                                _rng(seed, index, _S_LESION))
+                                                _rng(seed, index, _S_LESION), radius)
         if meta.diagnosis == "PDAC" and lesion_part != "pancreas_tail":
             placed["pancreatic_duct"].shapes[0].radii[:] *= 2.0  # obstructed, dilated upstream duct
 
@@ -686,7 +719,7 @@ def make_case(
         if name == "pancreatic_duct":  # runs inside the gland
             return _clip_to_gland(_rasterize(placed[name].shapes, grid), gland, grid)
         if name == "pancreatic_lesion":  # may reach a little past the gland, not into distant organs
-            return _clip_to_gland(_rasterize([lesion_geo], grid), gland, grid, _MARGIN_MM) if meta.tumor else None
+            return _clip_to_gland(_rasterize([lesion_geo], grid), gland, grid, lesion_grow) if meta.tumor else None
         return _rasterize(placed[name].shapes, grid, gas=_gas(s, seed, index))
 
     # Paint classes from lowest to highest overlap priority, as lm.consolidate() does.
@@ -830,6 +863,7 @@ def write_pants_tree(
     metadata_format: Literal["csv", "xlsx"] = "csv",
     progress: bool = False,
     lesions: Mapping[int, bool] | None = None,
+    cohort: Cohort | None = None,
 ) -> list[str]:
     """Write ``n`` phantoms in the PanTS layout under ``root``.
 
@@ -848,6 +882,8 @@ def write_pants_tree(
         progress: show a tqdm progress bar.
         lesions: case index -> force a lesion on (True) or off (False); other cases draw it
             (benchmarks use it to fix the share of lesion scans in each split).
+        cohort: draw centers, phases, lesions and lesion volumes from this PanTS cohort spec
+            (:mod:`pants_tools.cohort`); shape and spacing stay as given.
 
     Returns:
         The case ids, in order.
@@ -874,9 +910,9 @@ def write_pants_tree(
         complete = image.is_file() and all((seg_dir / f"{nm}.nii.gz").is_file() for nm in names)
         lesion = (lesions or {}).get(index)
         if complete:
-            metas.append(case_meta(index, spacing=spacing_t, seed=seed, lesion=lesion))
+            metas.append(case_meta(index, spacing=spacing_t, seed=seed, lesion=lesion, cohort=cohort))
         else:
-            p = make_case(index, shape=shape_t, spacing=spacing_t, seed=seed, lesion=lesion)
+            p = make_case(index, shape=shape_t, spacing=spacing_t, seed=seed, lesion=lesion, cohort=cohort)
             write_case(p, image, seg_dir)
             metas.append(p.meta)
         ids.append(cid)
@@ -902,6 +938,7 @@ __all__ = [
     "case_id",
     "case_meta",
     "has_lesion",
+    "lesion_volume_mm3",
     "make_case",
     "write_case",
     "write_pants_tree",

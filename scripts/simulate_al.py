@@ -10,8 +10,14 @@ rounds of training; its last round is the reference for "95% of full-pool DSC".
 
 Writes under OUT: runs/<strategy>_s<seed>/rounds.csv (one row per round, resumable: run the same
 command again after an interruption), al_rounds.csv (all rows), al_summary.csv (labels needed to
-reach 95% of the full-pool DSC, mean over classes and lesion), al_curves.png (learning curves,
-seeds as min-max bands).
+reach 95% of the full-pool DSC, mean over classes and lesion), al_table.md (the README table:
+mean +- s.d. over seeds, share of random's, lesion scans served against random's expectation),
+al_curves.png (learning curves, seeds as min-max bands). With --seed-set the four summary files
+carry its name (al_summary_unseen.csv, ...), so tuning and unseen seeds share one OUT.
+
+--cohort makes the phantom pool follow the PanTS cohort (configs/cohort_pants.yaml: phases,
+tumour prevalence and volume, ten unequal centers, physical scale); the pool's settings are
+recorded in POOL/pool_spec.json and a rerun with other settings is refused.
 
 Example (the README result; about 65 min on 2 CPU cores):
   python scripts/simulate_al.py --out out/al_sim --make-phantoms 88 --n-test 24 --shape 40 40 32 \\
@@ -29,8 +35,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+DEFAULT_COHORT_ARG = Path("configs/cohort_pants.yaml")
 
-STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
+STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty", "clasp")
+#: strategies are designed and tuned on the first seeds only; the others are reported as unseen
+SEED_SETS = {"tuning": [0, 1, 2], "unseen": [3, 4, 5]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pool", type=Path, help="PanTS-layout root with labels (default OUT/pool, made with --make-phantoms)")
     ap.add_argument("--make-phantoms", type=int, default=0, metavar="N", help="write N phantoms to the pool if it is missing")
     ap.add_argument("--n-test", type=int, default=16, help="phantoms held out as the test split (ImageTe)")
-    ap.add_argument("--shape", type=int, nargs=3, default=(40, 40, 32), help="phantom array shape")
-    ap.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0), help="phantom voxel size, mm")
+    ap.add_argument("--cohort", type=Path, nargs="?", const=DEFAULT_COHORT_ARG, default=None, metavar="YAML",
+                    help="phantoms follow a PanTS cohort spec (default configs/cohort_pants.yaml); "
+                         "its geometry unless --shape/--spacing are given")
+    ap.add_argument("--test-lesions", type=int, default=None, metavar="K",
+                    help="force K lesion-positive scans into the test split, the rest negative (the pool "
+                         "keeps the cohort's prevalence); default: drawn like the pool")
+    ap.add_argument("--shape", type=int, nargs=3, default=None, help="phantom array shape (default 40 40 32)")
+    ap.add_argument("--spacing", type=float, nargs=3, default=None, help="phantom voxel size, mm (default 3 3 3)")
     ap.add_argument("--phantom-seed", type=int, default=0)
     ap.add_argument("--strategies", nargs="+", default=["hybrid", "random", "random_fg"], choices=STRATEGIES)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    seeds = ap.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="campaign seeds (default 0 1 2)")
+    seeds.add_argument("--seed-set", choices=sorted(SEED_SETS),
+                       help="tuning = seeds 0 1 2 (design and tune here), unseen = 3 4 5 (report only)")
     ap.add_argument("--initial", type=int, default=4, help="seed scans labelled before round 0")
     ap.add_argument("--batch", type=int, default=4, help="scans selected per round")
     ap.add_argument("--rounds", type=int, default=6, help="rounds (training + evaluation) per campaign")
@@ -70,7 +88,9 @@ def _specs(args: argparse.Namespace) -> list:
     al = load_al_config()
     # Phantoms are small: localize at the model's own spacing (exact, and cheap at this size).
     al = al.model_copy(update={"scoring": al.scoring.model_copy(update={"localize_spacing_mm": None,
-                                                                         "mc_samples": args.mc_samples})})
+                                                                         "mc_samples": args.mc_samples}),
+                               # one simulated round = one batch: clasp's noise decays once per round
+                               "strategies": al.strategies.model_copy(update={"clasp_labels_per_round": args.batch})})
     request = {"max_epochs": args.epochs, "iterations_per_epoch": args.iterations, "learning_rate": args.lr,
                "batch_size": 2, "val_every": args.epochs}
     seg_cfg = load_segmentation_config()
@@ -122,20 +142,71 @@ def _run_parallel(specs: list, jobs: int, threads: int, bar) -> None:
             f.result()  # re-raise a campaign's error
 
 
+def _cohort(args: argparse.Namespace):
+    """The cohort spec (None without --cohort); fills --shape/--spacing from its geometry."""
+    cohort = None
+    if args.cohort is not None:
+        from lib.core.errors import ConfigError
+        from pants_tools.cohort import DEFAULT_COHORT, load_cohort
+
+        path = DEFAULT_COHORT if args.cohort == DEFAULT_COHORT_ARG else args.cohort
+        try:
+            cohort = load_cohort(path.resolve())
+        except ConfigError as err:
+            raise SystemExit(f"--cohort: {err}") from None
+        args.cohort = path.resolve()
+    args.shape = tuple(args.shape or (cohort.geometry.shape if cohort else (40, 40, 32)))
+    args.spacing = tuple(args.spacing or (cohort.geometry.spacing_mm if cohort else (3.0, 3.0, 3.0)))
+    return cohort
+
+
+def _make_pool(args: argparse.Namespace, cohort) -> None:
+    """Write the phantom pool once; its settings go to pool_spec.json and must match on reruns."""
+    import hashlib
+    import json
+
+    want = {"n": args.make_phantoms, "n_test": args.n_test, "shape": list(args.shape),
+            "spacing_mm": list(args.spacing), "phantom_seed": args.phantom_seed,
+            "test_lesions": args.test_lesions,
+            "cohort": None if cohort is None else {"file": str(args.cohort),
+                                                   "sha256": hashlib.sha256(args.cohort.read_bytes()).hexdigest()}}
+    spec_file = args.pool / "pool_spec.json"
+    if (args.pool / "ImageTr").is_dir():
+        if spec_file.is_file() and args.make_phantoms:
+            have = json.loads(spec_file.read_text())
+            if have != want:
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise SystemExit(f"--pool {args.pool} was made with other settings ({', '.join(diff)}); "
+                                 "use another --out/--pool or the settings in pool_spec.json")
+        if not spec_file.is_file() or not args.make_phantoms:
+            return
+    if not args.make_phantoms:
+        raise SystemExit(f"--pool {args.pool}: no ImageTr/ there; pass --make-phantoms N to create phantoms")
+    if args.test_lesions is not None and not 0 <= args.test_lesions <= args.n_test:
+        raise SystemExit(f"--test-lesions {args.test_lesions}: must be between 0 and --n-test {args.n_test}")
+    from lib.model.model_store import write_json_atomic
+    from pants_tools.phantom import write_pants_tree
+
+    first_test = args.make_phantoms - args.n_test
+    lesions = None if args.test_lesions is None else {
+        i: i - first_test < args.test_lesions for i in range(first_test, args.make_phantoms)}
+    args.pool.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(spec_file, want)  # first: a half-written pool is resumed with the same settings
+    write_pants_tree(args.pool, args.make_phantoms, shape=args.shape, spacing=args.spacing,
+                     seed=args.phantom_seed, n_test=args.n_test, progress=True, lesions=lesions, cohort=cohort)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
     args.pool = args.pool or args.out / "pool"
+    args.seeds = args.seeds or SEED_SETS.get(args.seed_set or "", [0, 1, 2])
+    suffix = f"_{args.seed_set}" if args.seed_set else ""
+    cohort = _cohort(args)
     specs = _specs(args)  # settings errors stop the run before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
-    if not (args.pool / "ImageTr").is_dir():
-        if not args.make_phantoms:
-            raise SystemExit(f"--pool {args.pool}: no ImageTr/ there; pass --make-phantoms N to create phantoms")
-        from pants_tools.phantom import write_pants_tree
-
-        write_pants_tree(args.pool, args.make_phantoms, shape=args.shape, spacing=args.spacing,
-                         seed=args.phantom_seed, n_test=args.n_test, progress=True)
+    _make_pool(args, cohort)
     total = sum(s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     bar = tqdm(total=total, desc="rounds", unit="round", initial=_count_rows(specs))
@@ -153,22 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     bar.n = _count_rows(specs)
     bar.close()
 
-    from pants_tools.al_campaign import FIELDS, plot_curves, read_rows, summarize
+    from pants_tools.al_campaign import FIELDS, markdown_table, plot_curves, read_rows, summarize
 
     rows = [r for s in specs for r in read_rows(s.folder / "rounds.csv")]
-    with open(args.out / "al_rounds.csv", "w", newline="") as fh:
+    with open(args.out / f"al_rounds{suffix}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
     summary = summarize(rows)
     keys = ["strategy", "seeds", "full_pool_mean_dsc", "labels_to_95pct_mean_dsc", "final_mean_dsc",
             "full_pool_lesion_dsc", "labels_to_95pct_lesion_dsc", "final_lesion_dsc",
-            "final_labels", "final_lesion_scans", "per_seed_mean_dsc", "per_seed_lesion_dsc"]
-    with open(args.out / "al_summary.csv", "w", newline="") as fh:
+            "final_labels", "final_lesion_scans", "expected_lesion_scans", "per_seed_mean_dsc", "per_seed_lesion_dsc",
+            "seed_mean_mean_dsc", "seed_sd_mean_dsc", "seeds_reaching_mean_dsc",
+            "seed_mean_lesion_dsc", "seed_sd_lesion_dsc", "seeds_reaching_lesion_dsc"]
+    with open(args.out / f"al_summary{suffix}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(summary)
-    plot_curves(rows, args.out / "al_curves.png")
+    (args.out / f"al_table{suffix}.md").write_text(markdown_table(summary, args.seeds))
+    plot_curves(rows, args.out / f"al_curves{suffix}.png")
     rnd = next((r for r in summary if r["strategy"] == "random"), None)
 
     def fmt(v: float) -> str:
@@ -186,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['strategy']:<12} {fmt(r['labels_to_95pct_mean_dsc']):>9} {ratio[0]:>10} "
               f"{fmt(r['labels_to_95pct_lesion_dsc']):>11} {ratio[1]:>10} "
               f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}")
-    print(f"wrote {args.out / 'al_rounds.csv'}, {args.out / 'al_summary.csv'}, {args.out / 'al_curves.png'}")
+    print(f"wrote {', '.join(str(args.out / f'{n}{suffix}.{e}') for n, e in (('al_rounds', 'csv'), ('al_summary', 'csv'), ('al_table', 'md'), ('al_curves', 'png')))}")
     return 0
 
 

@@ -32,9 +32,9 @@ from server import REPO, Server
 
 pytestmark = pytest.mark.server
 
-N = 8  # unlabelled series; one more carries PanTS masks
+N = 10  # unlabelled series (two per strategy); one more carries PanTS masks
 LABELED = "PanTS_00000009"
-STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
+STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty", "clasp")
 AL_YAML = """
 scoring:
   localize_spacing_mm: null
@@ -135,11 +135,12 @@ def test_every_strategy_leases_distinct_series_to_concurrent_annotators(pacs: di
     answers = [a for ans in got.values() for a in ans]
     assert all(len(a) == 2 for a in got.values()), got
     served = [a["id"] for a in answers]
-    assert len(set(served)) == N == len(served), served  # 8 requests at once, 8 different series
+    assert len(set(served)) == N == len(served), served  # 10 requests at once, 10 different series
     assert stable_uid(LABELED, "ct") not in served
     for a in answers:  # what OHIF's Next Sample opens
         assert a["StudyInstanceUID"] and a["SeriesInstanceUID"] == a["id"] and a["lease_expires"] > time.time()
     assert {a["selected_by"] for a in got["uncertainty"]} == {"uncertainty"}  # scores steered it
+    assert all(a["selected_by"].startswith("clasp:") for a in got["clasp"]), got["clasp"]
     assert MONAILabelClient(server.url, client_id="late").next_sample("hybrid", {}) == {}
     assert _info(server)["active_learning"]["leases"] == N
 

@@ -49,11 +49,16 @@ def test_summary_weights_classes_not_voxels() -> None:
     p[lid, :2, :2, :2] = 0.5
     weighted = ScanScorer(seg, ScoringConfig(class_weights={"pancreatic_lesion": 4.0}))._summarize(p)
     volume_mean = float((-(p * torch.log(p.clamp_min(1e-12))).sum(0) / torch.log(torch.tensor(float(c)))).mean())
-    score, per_class, lesion_prob = weighted
+    score, per_class, lesion_prob, class_scores = weighted
     # the lesion's entropy counts fully, not diluted by 992 certain background voxels
     assert score > 10 * volume_mean
     assert per_class["pancreatic_lesion"] > 0.15
     assert lesion_prob == pytest.approx(0.5)
+    # per class (clasp): entropy weighted by the class probability, summed over voxels
+    h = float(torch.log(torch.tensor(2.0)) / torch.log(torch.tensor(float(c))))
+    assert class_scores.shape == (LM.num_classes,)
+    assert class_scores[lid - 1] == pytest.approx(8 * 0.5 * h, rel=1e-4)
+    assert class_scores[LM.id_of("liver") - 1] == 0.0
 
 
 def test_scores_a_scan_within_bounds(pool: Path, tmp_path: Path) -> None:

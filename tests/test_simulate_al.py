@@ -61,3 +61,26 @@ def test_full_pool_reference_is_each_seeds_last_round() -> None:
             for seed, rnd, v in [(0, 0, 0.1), (0, 1, 0.5), (1, 1, 0.7), (1, 0, 0.2)]]
     rows.append({"strategy": "random", "seed": "0", "round": "3", "mean_dsc": "0.9"})
     assert full_pool_reference(rows, "mean_dsc") == pytest.approx(0.6)
+
+
+COHORT_ARGS = ["--cohort", "--make-phantoms", "8", "--n-test", "2", "--test-lesions", "1", "--shape", "24", "24", "24",
+               "--spacing", "16", "12", "16", "--init-filters", "8", "--patch", "16", "16", "16", "--epochs", "1",
+               "--iterations", "1", "--rounds", "2", "--initial", "2", "--batch", "2", "--mc-samples", "1",
+               "--strategies", "clasp", "--seed-set", "unseen", "--no-full"]
+
+
+def test_cohort_pool_clasp_and_seed_set(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    # one seed of the unseen set is enough here: the others would only repeat it
+    assert simulate_al.main(["--out", str(out), *COHORT_ARGS[:-3], "--seeds", "3", "--no-full"]) == 0
+    rows = _rows(out / "al_rounds.csv")
+    assert [(r["strategy"], r["seed"], r["labels"]) for r in rows] == [("clasp", "3", "2"), ("clasp", "3", "4")]
+    spec = json.loads((out / "pool" / "pool_spec.json").read_text())
+    assert spec["cohort"]["file"].endswith("cohort_pants.yaml") and spec["test_lesions"] == 1
+    meta = _rows(out / "pool" / "metadata.csv")
+    assert {m["center"] for m in meta} <= {f"site_{k:02d}" for k in range(1, 11)}
+    assert "| clasp |" in (out / "al_table.md").read_text()
+    # the pool is fixed once made: other settings are refused, not mixed in
+    with pytest.raises(SystemExit, match="other settings .*phantom_seed"):
+        simulate_al.main(["--out", str(out), *COHORT_ARGS, "--phantom-seed", "1"])
+    assert simulate_al.SEED_SETS == {"tuning": [0, 1, 2], "unseen": [3, 4, 5]}

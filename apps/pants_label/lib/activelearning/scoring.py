@@ -61,6 +61,9 @@ class ScanScore:
     crop_shape: tuple[int, int, int]
     found_pancreas: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    #: per foreground class (ids 1..N): predictive entropy weighted by the class probability,
+    #: summed over the crop's voxels on the model grid (the clasp strategy's per-class ranking)
+    class_scores: np.ndarray | None = None
 
 
 def model_version(path: Path) -> str | None:
@@ -179,12 +182,13 @@ class ScanScorer:
             hook.remove()
         return probs, feat
 
-    def _summarize(self, p: torch.Tensor) -> tuple[float, dict[str, float], float]:
+    def _summarize(self, p: torch.Tensor) -> tuple[float, dict[str, float], float, np.ndarray]:
         c = p.shape[0]
         ent = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=0) / math.log(c)  # in [0, 1]
         flat_p, flat_h = p.reshape(c, -1), ent.reshape(-1)
         mass = flat_p.sum(dim=1)
-        per_class = (flat_p @ flat_h) / mass.clamp_min(1e-12)
+        weighted = flat_p @ flat_h  # per class: entropy weighted by the class probability, summed
+        per_class = weighted / mass.clamp_min(1e-12)
         present = mass >= self.cfg.min_class_voxels
         present[0] = False
         w = self.weights * present
@@ -197,7 +201,7 @@ class ScanScorer:
         lesion = flat_p[self.lesion_id]
         k = min(self.cfg.lesion_topk_voxels, lesion.numel())
         lesion_prob = float(lesion.topk(k).values.mean())
-        return score, cls, lesion_prob
+        return score, cls, lesion_prob, weighted[1:].numpy().astype(np.float32)
 
     def _coarse(self, arr: np.ndarray, spacing: tuple[float, ...], target_mm: tuple[float, ...]) -> torch.Tensor:
         """``arr`` (raw HU, any layout) normalised on a grid of ``target_mm``, area-averaged.
@@ -231,12 +235,13 @@ class ScanScorer:
         # only the crop is read at full resolution
         crop = self._coarse(arr[box], spacing, self.seg.preset.spacing_mm)
         probs, feat = self._stochastic(crop.contiguous(), net)
-        score, cls, lesion_prob = self._summarize(probs)
+        score, cls, lesion_prob, class_scores = self._summarize(probs)
         emb = feat.numpy().astype(np.float32)
         emb /= max(float(np.linalg.norm(emb)), 1e-12)
         sec["uncertainty"] = time.perf_counter() - t2
         sec = {k: round(v, 3) for k, v in sec.items()}
-        return ScanScore(score, lesion_prob, cls, emb, tuple(crop.shape[2:]), region is not None, sec)  # type: ignore[arg-type]
+        return ScanScore(score, lesion_prob, cls, emb, tuple(crop.shape[2:]), region is not None, sec,  # type: ignore[arg-type]
+                         class_scores)
 
 
 def load_for_scoring(path: str | Path) -> Volume:
@@ -258,7 +263,11 @@ def balance_group(meta: dict[str, Any]) -> str:
 
 
 def score_row(image_id: str, s: ScanScore, version: str, meta: dict[str, Any], lesion_weight: float, cost_s: float) -> dict[str, Any]:
-    """A row for :meth:`PanTSDatastore.store_scores` (ranking table + image-info summary)."""
+    """A row for :meth:`PanTSDatastore.store_scores` (ranking table + image-info summary).
+
+    ``class_scores`` (float32 bytes, one value per foreground class) is absent from rows of
+    older scorers; the index stores NULL and the clasp strategy ranks those scans overall only.
+    """
     prio = priority(s.uncertainty, s.lesion_prob, lesion_weight)
     now = time.time()
     return {
@@ -269,6 +278,7 @@ def score_row(image_id: str, s: ScanScore, version: str, meta: dict[str, Any], l
         "priority": prio,
         "grp": balance_group(meta),
         "embedding": s.embedding.astype(np.float16).tobytes(),
+        "class_scores": None if s.class_scores is None else np.asarray(s.class_scores, np.float32).tobytes(),
         "ts": now,
         "info": {
             "model_version": version,

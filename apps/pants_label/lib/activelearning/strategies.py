@@ -17,6 +17,12 @@ Strategies and their fallback order when scores are missing (documented in READM
                  probability), the best sum of uncertainty, diversity (distance to the nearest
                  labelled or leased scan in embedding space, k-center) and center/phase balance;
                  with no scores, ``random_fg``.
+``clasp``        class-stratified scheduled power predictive entropy (after ClaSP PE): about two
+                 thirds of the requests go to a foreground class in (weighted) round-robin and get
+                 the scan with the most entropy weighted by that class's probability, the rest the
+                 highest overall uncertainty; Gumbel noise on the log score that decays per round
+                 (explore early, exploit late). Scans scored before per-class scores existed rank
+                 overall only; with no scores, ``random_fg``.
 
 Scores from an older model still rank scans until the background scorer refreshes them.
 """
@@ -24,6 +30,7 @@ Scores from an older model still rank scans until the background scorer refreshe
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -36,6 +43,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.core.al_config import StrategyConfig
+from lib.core.labelmap import LabelMap, load_labelmap
 from lib.datastore.protocol import ScoredStore
 from lib.datastore.rows import ScoreRef, ScoreRow
 
@@ -280,6 +288,122 @@ def hybrid_choice(
     }
 
 
+@dataclass(frozen=True)
+class ClassTable:
+    """Scored unlabelled scans as arrays (leased ones included; they are dropped per request).
+
+    ``classes`` is (n, C) with NaN rows where a scan has no per-class scores (an older scorer).
+    """
+
+    ids: tuple[str, ...]
+    overall: np.ndarray  # (n,) class-stratified predictive entropy
+    classes: np.ndarray  # (n, C) float32
+    labelled: int  # scans with a live training label: the noise schedule's clock
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[str, float, bytes | None]], n_classes: int, labelled: int) -> ClassTable:
+        mat = np.full((len(rows), n_classes), np.nan, np.float32)
+        for k, (_, _, blob) in enumerate(rows):
+            if blob is not None and len(blob) == 4 * n_classes:
+                mat[k] = np.frombuffer(blob, dtype=np.float32)
+        return cls(tuple(r[0] for r in rows), np.array([float(r[1]) for r in rows], np.float64), mat, labelled)
+
+
+def power_pick(scores: np.ndarray, ok: np.ndarray, noise: float, rng: np.random.Generator) -> int | None:
+    """Index of the best ``log(score) + noise x Gumbel`` among ``ok`` (None when none is).
+
+    With ``noise`` 1 this draws in proportion to the score (power sampling with exponent 1);
+    at 0 it is the plain argmax.
+    """
+    idx = np.flatnonzero(ok)
+    if not len(idx):
+        return None
+    key = np.log(np.clip(scores[idx], 1e-12, None))
+    if noise > 0:
+        key = key + noise * rng.gumbel(size=len(idx))
+    return int(idx[int(np.argmax(key))])
+
+
+class ClassStratifiedStrategy(LeasingStrategy):
+    """ClaSP-PE-style: class-stratified, scheduled power predictive entropy (see module docstring)."""
+
+    name = "clasp"
+
+    def __init__(self, cfg: StrategyConfig | None = None, seed: int | None = None,
+                 labelmap: LabelMap | None = None) -> None:
+        super().__init__(
+            "Class-stratified power predictive entropy: per-class round-robin (two thirds) and overall "
+            "uncertainty, with Gumbel noise that decays over the rounds",
+            cfg, seed,
+        )
+        self.names = (labelmap or load_labelmap()).names
+        self.class_weights = np.array(
+            [self.cfg.clasp_class_weights.get(n, self.cfg.clasp_other_weight) for n in self.names], np.float64)
+        self.fallback = ForegroundRandom(cfg, seed)
+        self.fallback.rng = self.fallback.random.rng = self.rng
+        self._credit = np.zeros(len(self.names))  # smooth weighted round-robin over classes
+        self._served = 0  # requests answered: splits the budget between class and overall picks
+        # the table is re-read only when the index's change counter moves (labels, reveals, scores)
+        self._cached: tuple[Any, ClassTable] | None = None
+
+    def noise(self, labelled: int) -> float:
+        """Gumbel scale at ``labelled`` labelled scans: ``clasp_noise`` decayed once per round."""
+        rounds = labelled / self.cfg.clasp_labels_per_round
+        return float(self.cfg.clasp_noise * self.cfg.clasp_noise_decay**rounds)
+
+    def _table(self, datastore: Any) -> ClassTable:
+        version = datastore.references_version()
+        if self._cached is None or self._cached[0] != version:
+            table = ClassTable.from_rows(datastore.class_score_table(), len(self.names), datastore.count_labelled())
+            self._cached = (version, table)
+        return self._cached[1]
+
+    def next_class(self) -> int | None:
+        """The next foreground class in smooth weighted round-robin (None when all weights are 0)."""
+        total = self.class_weights.sum()
+        if total <= 0:
+            return None
+        self._credit += self.class_weights
+        c = int(np.argmax(self._credit))
+        self._credit[c] -= total
+        return c
+
+    def _class_turn(self) -> bool:
+        """Whether this request is one of the ``clasp_class_share`` that go to a class (the
+        first of each cycle does: with 2/3, class, class, overall, class, class, overall, ...)."""
+        k, share = self._served, self.cfg.clasp_class_share
+        self._served += 1
+        lead = 1 - 1e-9
+        return math.floor((k + 1) * share + lead) > math.floor(k * share + lead)
+
+    def select(self, datastore: Any, now: float, name: str) -> tuple[str | None, str, dict[str, Any]]:
+        table = self._table(datastore)
+        if not table.ids:
+            return self.fallback.select(datastore, now, name)
+        leased = {x["id"] for x in datastore.active_leases(now)}
+        free = np.array([i not in leased for i in table.ids], dtype=bool)
+        if not free.any():
+            return self.fallback.select(datastore, now, name)
+        noise = self.noise(table.labelled)
+        extra: dict[str, Any] = {"noise": round(noise, 4)}
+        has_classes = ~np.isnan(table.classes[:, 0])
+        if self._class_turn() and (free & has_classes).any():
+            for _ in range(len(self.names)):  # a class nobody is predicted to hold gives its turn on
+                c = self.next_class()
+                if c is None:
+                    break
+                col = np.nan_to_num(table.classes[:, c], nan=0.0)
+                k = power_pick(col, free & has_classes & (col > 0), noise, self.rng)
+                if k is not None:
+                    extra.update({"class": self.names[c], "class_score": round(float(col[k]), 5)})
+                    return table.ids[k], f"clasp:{self.names[c]}", extra
+        k = power_pick(table.overall, free, noise, self.rng)
+        if k is None:
+            return self.fallback.select(datastore, now, name)
+        extra["uncertainty"] = round(float(table.overall[k]), 5)
+        return table.ids[k], "clasp:overall", extra
+
+
 def make_strategies(cfg: StrategyConfig, seed: int | None = None) -> dict[str, LeasingStrategy]:
     """All strategies, the default (``hybrid``) first."""
     return {
@@ -287,10 +411,13 @@ def make_strategies(cfg: StrategyConfig, seed: int | None = None) -> dict[str, L
         "random": RandomUnlabeled(cfg, seed),
         "random_fg": ForegroundRandom(cfg, seed),
         "uncertainty": UncertaintyStrategy(cfg, seed),
+        "clasp": ClassStratifiedStrategy(cfg, seed),
     }
 
 
 __all__ = [
+    "ClassStratifiedStrategy",
+    "ClassTable",
     "ForegroundRandom",
     "HybridStrategy",
     "LeasingStrategy",
@@ -299,4 +426,5 @@ __all__ = [
     "UncertaintyStrategy",
     "hybrid_choice",
     "make_strategies",
+    "power_pick",
 ]

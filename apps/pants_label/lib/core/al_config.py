@@ -71,6 +71,21 @@ class StrategyConfig(_Frozen):
     diversity_weight: float = Field(0.5, ge=0)
     balance_weight: float = Field(0.25, ge=0)
     max_reference: int = Field(2000, ge=1)
+    # clasp (class-stratified, scheduled power predictive entropy)
+    clasp_class_share: float = Field(0.67, ge=0, le=1)
+    clasp_class_weights: dict[str, float] = {}
+    clasp_other_weight: float = Field(1.0, ge=0)
+    clasp_noise: float = Field(1.0, ge=0)
+    clasp_noise_decay: float = Field(0.7, gt=0, le=1)
+    clasp_labels_per_round: int = Field(20, ge=1)
+
+    @field_validator("clasp_class_weights")
+    @classmethod
+    def _clasp_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if w < 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        return v
 
 
 class ActiveLearningConfig(_Frozen):
@@ -78,12 +93,14 @@ class ActiveLearningConfig(_Frozen):
     strategies: StrategyConfig = StrategyConfig()
 
     def check_labels(self, labelmap: LabelMap) -> "ActiveLearningConfig":
-        unknown = sorted(set(self.scoring.class_weights) - set(labelmap.names))
-        if unknown:
-            raise ConfigError(
-                f"active_learning.yaml: scoring.class_weights: unknown class names {unknown}; "
-                f"known: {', '.join(labelmap.names)}"
-            )
+        for key, names in (("scoring.class_weights", self.scoring.class_weights),
+                           ("strategies.clasp_class_weights", self.strategies.clasp_class_weights)):
+            unknown = sorted(set(names) - set(labelmap.names))
+            if unknown:
+                raise ConfigError(
+                    f"active_learning.yaml: {key}: unknown class names {unknown}; "
+                    f"known: {', '.join(labelmap.names)}"
+                )
         return self
 
 

@@ -35,7 +35,9 @@ from lib.datastore.sqlite_file import SQLiteFile
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: scores, leases (added tables only; a version-1 index upgrades in place)
+# 2: scores, leases (added tables only; a version-1 index upgrades in place)
+# 3: scores.class_scores (added column; an older index gains it in place, its rows hold NULL)
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,7 +87,8 @@ CREATE TABLE IF NOT EXISTS scores (
     priority      REAL NOT NULL,           -- hybrid base score (uncertainty and lesion probability)
     grp           TEXT,                    -- center | contrast phase, for balance
     embedding     BLOB,                    -- float16 unit vector, for diversity
-    ts            REAL NOT NULL
+    ts            REAL NOT NULL,
+    class_scores  BLOB                     -- float32 per foreground class (clasp strategy), NULL if unknown
 );
 CREATE INDEX IF NOT EXISTS scores_uncertainty ON scores (uncertainty);
 CREATE INDEX IF NOT EXISTS scores_lesion ON scores (lesion_prob);
@@ -183,6 +186,9 @@ class Index(SQLiteFile):
             for stmt in schema.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(scores)")}
+            if "class_scores" not in columns:  # a version-2 index: scores kept, the new column NULL
+                db.execute("ALTER TABLE scores ADD COLUMN class_scores BLOB")
             for stmt in [*_TRIGGERS, *self.extra_schema()]:
                 db.execute(stmt)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -516,7 +522,8 @@ class Index(SQLiteFile):
         """Upsert score rows and merge each one's summary into image info under ``info_key``.
 
         Each row: ``image_id, model_version, uncertainty, lesion_prob, priority, grp, embedding
-        (bytes or None), ts, info (dict for image info)``. One transaction. Returns unknown ids.
+        (bytes or None), ts, info (dict for image info)`` and optionally ``class_scores`` (bytes).
+        One transaction. Returns unknown ids.
         """
         missing = []
         with self.write() as db:
@@ -526,13 +533,13 @@ class Index(SQLiteFile):
                     missing.append(r["image_id"])
                     continue
                 db.execute(
-                    "INSERT INTO scores (image_id, model_version, uncertainty, lesion_prob, priority, grp, embedding, ts) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO UPDATE SET "
+                    "INSERT INTO scores (image_id, model_version, uncertainty, lesion_prob, priority, grp, embedding, ts, "
+                    "class_scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO UPDATE SET "
                     "model_version = excluded.model_version, uncertainty = excluded.uncertainty, "
                     "lesion_prob = excluded.lesion_prob, priority = excluded.priority, grp = excluded.grp, "
-                    "embedding = excluded.embedding, ts = excluded.ts",
+                    "embedding = excluded.embedding, ts = excluded.ts, class_scores = excluded.class_scores",
                     (r["image_id"], r["model_version"], float(r["uncertainty"]), float(r["lesion_prob"]),
-                     float(r["priority"]), r.get("grp"), r.get("embedding"), float(r["ts"])),
+                     float(r["priority"]), r.get("grp"), r.get("embedding"), float(r["ts"]), r.get("class_scores")),
                 )
                 merged = loads(got[0])
                 merged[info_key] = r.get("info", {})
@@ -592,6 +599,24 @@ class Index(SQLiteFile):
             f"ORDER BY s.{column} DESC LIMIT ?"
         )
         return list(self._rows(ScoreRow, q, (*splits, *args, int(limit))))
+
+    def unlabeled_class_scores(
+        self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool
+    ) -> list[tuple[str, float, bytes | None]]:
+        """``(id, uncertainty, class_scores)`` of every scored, unlabeled served scan (leases ignored:
+        callers cache this per change counter and drop leased scans live)."""
+        where, args = self._label_filter(tags, imported_tag, hide_imported, False)
+        q = (
+            "SELECT s.image_id, s.uncertainty, s.class_scores FROM scores s JOIN images i ON i.id = s.image_id "
+            f"WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where} ORDER BY s.image_id"
+        )
+        return list(self.conn().execute(q, (*splits, *args)))
+
+    def count_labeled_scans(self, splits: Sequence[str], tags: Sequence[str], imported_tag: str, hide_imported: bool) -> int:
+        """Served scans with a live label of ``tags`` (imported masks count when visible)."""
+        where, args = self._label_filter(tags, imported_tag, hide_imported, True)
+        q = f"SELECT COUNT(*) FROM images i WHERE i.removed = 0 AND i.split IN ({_marks(splits)}) AND {where}"
+        return int(self.conn().execute(q, (*splits, *args)).fetchone()[0])
 
     def change_count(self, name: str = "references") -> int:
         """A counter the triggers bump on every change that matters to ``name`` (cache key)."""

@@ -143,6 +143,15 @@ class IndexedStore(ScoredStore):
     def count_scores(self) -> int:
         return self.index.count_scores()
 
+    def class_score_table(self) -> list[tuple[str, float, bytes | None]]:
+        """``(id, uncertainty, class_scores)`` of scored unlabeled scans, leased ones included."""
+        self.sync()
+        return self.index.unlabeled_class_scores(self.served_splits, TRAINING_TAGS, IMPORTED_TAG, self.hide_imported)
+
+    def count_labelled(self) -> int:
+        """Served scans with a live training label (what the clasp noise schedule counts)."""
+        return self.index.count_labeled_scans(self.served_splits, TRAINING_TAGS, IMPORTED_TAG, self.hide_imported)
+
     def references_version(self) -> tuple[str, int]:
         """Changes whenever :meth:`labelled_scores` or :meth:`score_groups` may answer differently."""
         return str(self.index.path), self.index.change_count("references")

@@ -70,3 +70,11 @@ class ScoredStore(PanTSStore):
 
     @abc.abstractmethod
     def count_scores(self) -> int: ...
+
+    @abc.abstractmethod
+    def class_score_table(self) -> list[tuple[str, float, bytes | None]]:
+        """``(id, uncertainty, per-class scores as float32 bytes or None)`` of scored unlabeled scans."""
+
+    @abc.abstractmethod
+    def count_labelled(self) -> int:
+        """Served scans with a live training label."""

@@ -1,0 +1,101 @@
+"""The clasp strategy behind the real server: per-class scores from background scoring, concurrent annotators."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.activelearning.scoring import INFO_KEY, model_version
+from lib.core.labelmap import load_labelmap
+from lib.core.settings import load_segmentation_config
+from lib.model.model_store import model_path, publish
+from lib.model.segmenter import build_network
+from pants_tools.phantom import write_pants_tree
+from server import Server
+
+pytestmark = pytest.mark.server
+
+N = 6
+CLIENTS = 4
+AL_YAML = """
+scoring:
+  localize_spacing_mm: null
+  mc_samples: 2
+  watch_interval_s: 1.0
+strategies:
+  lease_minutes: 30
+  clasp_noise: 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    base = tmp_path_factory.mktemp("clasp_app")
+    root = base / "PanTS"
+    write_pants_tree(root, N, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=9)
+    model_dir = base / "model"
+    cfg, lm = load_segmentation_config(), load_labelmap()
+    torch.manual_seed(0)
+    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, model_path(model_dir, "fast"))
+    (base / "al.yaml").write_text(AL_YAML)
+    conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
+            "al_config": str(base / "al.yaml")}
+    server = Server(root, base / "server.log", conf=conf)
+    try:
+        yield server, model_dir
+    finally:
+        server.stop()
+
+
+def _info(server: Server) -> dict:
+    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
+
+
+def _wait_scored(server: Server, version: str | None, timeout: float = 420) -> None:
+    deadline, al = time.time() + timeout, {}
+    while time.time() < deadline:
+        al = _info(server)["active_learning"]
+        st = al.get("scoring", {})
+        if st.get("state") == "done" and st.get("model_version") == version:
+            return
+        time.sleep(1)
+    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
+
+
+def test_concurrent_annotators_get_distinct_scans_from_clasp(app) -> None:
+    from monailabel.client import MONAILabelClient
+
+    server, model_dir = app
+    assert "clasp" in _info(server)["strategies"]
+    _wait_scored(server, model_version(model_path(model_dir, "fast")))
+    got: list[dict] = []
+    errors: list[BaseException] = []
+
+    def annotator(k: int) -> None:
+        try:
+            got.append(MONAILabelClient(server.url, client_id=f"clasp-{k}").next_sample("clasp", {}))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=annotator, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    served = [a["id"] for a in got]
+    assert len(served) == CLIENTS == len(set(served)), got  # 4 requests at once, 4 different scans
+    # the stored per-class scores steered it: class turns and overall turns, none a fallback
+    assert all(a["selected_by"].startswith("clasp:") for a in got), got
+    assert any(a["selected_by"] != "clasp:overall" for a in got), got
+    assert all(0 <= a["noise"] <= 1 for a in got)
+    assert _info(server)["active_learning"]["leases"] == CLIENTS
+    info = MONAILabelClient(server.url).datastore()["objects"][served[0]]["image"]["info"][INFO_KEY]
+    assert info["model_version"] == model_version(model_path(model_dir, "fast"))

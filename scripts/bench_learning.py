@@ -129,6 +129,21 @@ def follow(stats_path: Path, done: threading.Event) -> None:
     bar.close()
 
 
+def run_training(trainer: PanTSTrain, request: dict, ds: PanTSDatastore) -> tuple[dict, float, float]:
+    """Run the train task with a progress bar; (its stats, wall s, CPU s). Closes ``ds``."""
+    done = threading.Event()
+    watcher = threading.Thread(target=follow, args=(trainer.stats_path, done), daemon=True)
+    watcher.start()
+    t0, cpu0 = time.time(), time.process_time()
+    try:
+        stats = trainer(request, ds)
+    finally:
+        done.set()
+        watcher.join()
+        ds.close()
+    return stats, time.time() - t0, time.process_time() - cpu0
+
+
 def test(weights: Path, cfg: SegmentationConfig, lm: LabelMap, preset: str, root: Path) -> tuple[list[dict], dict]:
     """Per-scan Dice on the test split, and the summary figures."""
     seg = Segmenter(cfg, lm, preset, weights, "cuda" if torch.cuda.is_available() else "cpu")
@@ -199,17 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         ds = PanTSDatastore(root, state_dir=work / "state", hide_imported_labels=False, labelmap=lm)
         trainer = PanTSTrain(cfg, lm, args.preset, work / "model", "cuda" if torch.cuda.is_available() else "cpu")
-        done = threading.Event()
-        watcher = threading.Thread(target=follow, args=(trainer.stats_path, done), daemon=True)
-        watcher.start()
-        t0, cpu0 = time.time(), time.process_time()
-        try:
-            stats = trainer(request, ds)
-        finally:
-            done.set()
-            watcher.join()
-            ds.close()
-        wall, cpu = time.time() - t0, time.process_time() - cpu0
+        stats, wall, cpu = run_training(trainer, request, ds)
         weights = model_path(work / "model", args.preset)
         if not weights.exists():
             print(f"training published no model: {stats}")

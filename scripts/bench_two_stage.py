@@ -24,7 +24,6 @@ import json
 import math
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -177,17 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         n = write_crops(root, work / "crops", lm, list(args.margins), args.lesion_boxes)
         ds = PanTSDatastore(work / "crops", state_dir=work / "state", labelmap=lm)
         trainer = PanTSTrain(cfg, lm, args.preset, work / "model", device)
-        done = threading.Event()
-        watcher = threading.Thread(target=bench_learning.follow, args=(trainer.stats_path, done), daemon=True)
-        watcher.start()
-        t0, cpu0 = time.time(), time.process_time()
-        try:
-            stats = trainer(request, ds)
-        finally:
-            done.set()
-            watcher.join()
-            ds.close()
-        wall, cpu = time.time() - t0, time.process_time() - cpu0
+        stats, wall, cpu = bench_learning.run_training(trainer, request, ds)
         weights = model_path(work / "model", args.preset)
         if not weights.exists():
             print(f"training published no model: {stats}")

@@ -10,34 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from lib.core.labelmap import load_labelmap
-from lib.model.model_store import model_path, publish
+from lib.model.model_store import model_path
 from pants_tools.phantom import write_pants_tree
 from lib.activelearning.scoring import INFO_KEY, model_version
-from lib.model.segmenter import build_network
-from lib.core.settings import load_segmentation_config
+from al_fixtures import AL_YAML, publish_random_model
 from server import Server
 
 pytestmark = pytest.mark.server
 
 N = 8
 STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
-AL_YAML = """
-scoring:
-  localize_spacing_mm: null
-  mc_samples: 2
-  watch_interval_s: 1.0
-strategies:
-  lease_minutes: 30
-"""
-
-
-def _publish(path: Path, seed: int) -> None:
-    cfg, lm = load_segmentation_config(), load_labelmap()
-    torch.manual_seed(seed)
-    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, path)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +29,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
     root = base / "PanTS"
     write_pants_tree(root, N, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=4)
     model_dir = base / "model"
-    _publish(model_path(model_dir, "fast"), 0)
+    publish_random_model(model_path(model_dir, "fast"), 0)
     (base / "al.yaml").write_text(AL_YAML)
     conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
             "al_config": str(base / "al.yaml")}
@@ -140,7 +123,7 @@ def test_final_label_ends_lease_and_new_model_rescores(app, tmp_path: Path) -> N
 
     # A newly published model is noticed and only the unlabelled scans are rescored with it.
     mp = model_path(model_dir, "fast")
-    _publish(mp, 1)
+    publish_random_model(mp, 1)
     v2 = model_version(mp)
     _wait_scored(server, v2)
     objects = client.datastore()["objects"]

@@ -10,29 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from lib.activelearning.scoring import INFO_KEY, model_version
-from lib.core.labelmap import load_labelmap
-from lib.core.settings import load_segmentation_config
-from lib.model.model_store import model_path, publish
-from lib.model.segmenter import build_network
+from lib.model.model_store import model_path
 from pants_tools.phantom import write_pants_tree
+from al_fixtures import AL_YAML as BASE_AL_YAML, publish_random_model
 from server import Server
 
 pytestmark = pytest.mark.server
 
 N = 6
 CLIENTS = 4
-AL_YAML = """
-scoring:
-  localize_spacing_mm: null
-  mc_samples: 2
-  watch_interval_s: 1.0
-strategies:
-  lease_minutes: 30
-  clasp_noise: 1.0
-"""
+AL_YAML = BASE_AL_YAML + "  clasp_noise: 1.0\n"
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +30,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
     root = base / "PanTS"
     write_pants_tree(root, N, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=9)
     model_dir = base / "model"
-    cfg, lm = load_segmentation_config(), load_labelmap()
-    torch.manual_seed(0)
-    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, model_path(model_dir, "fast"))
+    publish_random_model(model_path(model_dir, "fast"), 0)
     (base / "al.yaml").write_text(AL_YAML)
     conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
             "al_config": str(base / "al.yaml")}

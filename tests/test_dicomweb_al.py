@@ -17,17 +17,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from lib.activelearning.scoring import INFO_KEY, model_version
-from lib.core.labelmap import load_labelmap
-from lib.core.settings import load_segmentation_config
 from lib.imaging.dicom_series import stable_uid
 from lib.imaging.metadata import read_metadata
-from lib.model.model_store import model_path, publish
-from lib.model.segmenter import build_network
+from lib.model.model_store import model_path
 from orthanc import Orthanc, require_orthanc
 from pants_tools.phantom import write_pants_tree
+from al_fixtures import AL_YAML, publish_random_model
 from server import REPO, Server
 
 pytestmark = pytest.mark.server
@@ -35,20 +32,6 @@ pytestmark = pytest.mark.server
 N = 10  # unlabelled series (two per strategy); one more carries PanTS masks
 LABELED = "PanTS_00000009"
 STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty", "clasp")
-AL_YAML = """
-scoring:
-  localize_spacing_mm: null
-  mc_samples: 2
-  watch_interval_s: 1.0
-strategies:
-  lease_minutes: 30
-"""
-
-
-def _publish(path: Path, seed: int) -> None:
-    cfg, lm = load_segmentation_config(), load_labelmap()
-    torch.manual_seed(seed)
-    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, path)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +47,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             proc = subprocess.run(script + extra, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr
         model_dir = base / "model"
-        _publish(model_path(model_dir, "fast"), 0)
+        publish_random_model(model_path(model_dir, "fast"), 0)
         (base / "al.yaml").write_text(AL_YAML)
         conf = {"model_dir": str(model_dir), "preset": "fast", "datastore_dir": str(base / "state"),
                 "al_config": str(base / "al.yaml")}
@@ -176,7 +159,7 @@ def test_final_label_ends_lease_and_new_model_rescores(pacs: dict, tmp_path: Pat
     assert qa["label"] == "final v1" and qa["errors"] > 0 and "required" in " ".join(qa["failed"])
 
     mp = model_path(pacs["model_dir"], "fast")
-    _publish(mp, 1)
+    publish_random_model(mp, 1)
     v2 = model_version(mp)
     _wait_scored(server, v2)
     objects = client.datastore()["objects"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lib.core.config_types import NonNegativeWeights
 from lib.core.config_errors import ConfigError, load_yaml_model
 from lib.core.labelmap import REPO_ROOT, LabelMap
 
@@ -24,7 +25,7 @@ class ScoringConfig(_Frozen):
     max_crop_voxels: tuple[int, int, int] = (48, 48, 40)
     mc_samples: int = Field(2, ge=1, le=64)
     flip_tta: bool = True
-    class_weights: dict[str, float] = {}
+    class_weights: NonNegativeWeights = {}
     other_weight: float = Field(0.25, ge=0)
     min_class_voxels: float = Field(2.0, ge=0)
     lesion_topk_voxels: int = Field(8, ge=1)
@@ -48,13 +49,6 @@ class ScoringConfig(_Frozen):
             raise ValueError(f"each side must be a multiple of 8 and >= 16, got {v}")
         return v
 
-    @field_validator("class_weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: w for k, w in v.items() if w < 0}
-        if bad:
-            raise ValueError(f"weights must be >= 0, got {bad}")
-        return v
 
     def weight_vector(self, labelmap: LabelMap) -> list[float]:
         """Weight per class id 1..N (index 0 = class 1)."""
@@ -73,19 +67,12 @@ class StrategyConfig(_Frozen):
     max_reference: int = Field(2000, ge=1)
     # clasp (class-stratified, scheduled power predictive entropy)
     clasp_class_share: float = Field(0.67, ge=0, le=1)
-    clasp_class_weights: dict[str, float] = {}
+    clasp_class_weights: NonNegativeWeights = {}
     clasp_other_weight: float = Field(1.0, ge=0)
     clasp_noise: float = Field(1.0, ge=0)
     clasp_noise_decay: float = Field(0.7, gt=0, le=1)
     clasp_labels_per_round: int = Field(20, ge=1)
 
-    @field_validator("clasp_class_weights")
-    @classmethod
-    def _clasp_weights(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: w for k, w in v.items() if w < 0}
-        if bad:
-            raise ValueError(f"weights must be >= 0, got {bad}")
-        return v
 
 
 class ActiveLearningConfig(_Frozen):

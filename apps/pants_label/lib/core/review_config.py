@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lib.core.config_types import PositiveCounts
 from lib.core.config_errors import ConfigError, load_yaml_model
 from lib.core.labelmap import REPO_ROOT, LabelMap
 
@@ -32,17 +33,10 @@ class QAConfig(_Frozen):
     lesion_max_gap_mm: float = Field(5.0, ge=0)
     duct_inside_min: float = Field(0.9, ge=0, le=1)
     min_piece_ml: float = Field(0.5, ge=0)
-    max_pieces: dict[str, int] = {}
+    max_pieces: PositiveCounts = {}
     volume_ml: dict[str, tuple[float, float]] = {}
     required: tuple[str, ...] = ()
 
-    @field_validator("max_pieces")
-    @classmethod
-    def _pieces(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = {k: n for k, n in v.items() if n < 1}
-        if bad:
-            raise ValueError(f"each limit must be >= 1, got {bad}")
-        return v
 
     @field_validator("volume_ml")
     @classmethod

@@ -1,0 +1,31 @@
+"""What the active-learning server tests share: a scoring config fast enough for tiny phantoms,
+and seeded random weights published as a model (a new model version triggers re-scoring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lib.core.labelmap import load_labelmap
+from lib.core.settings import load_segmentation_config
+from lib.model.model_store import publish
+from lib.model.segmenter import build_network
+
+#: active_learning.yaml for the tests: no localize pass (the phantoms are tiny), 2 MC passes,
+#: a 1 s model watcher, 30-minute leases
+AL_YAML = """
+scoring:
+  localize_spacing_mm: null
+  mc_samples: 2
+  watch_interval_s: 1.0
+strategies:
+  lease_minutes: 30
+"""
+
+
+def publish_random_model(path: Path, seed: int) -> None:
+    """Publish seeded random ``fast`` weights at ``path`` (different seeds, different scores)."""
+    cfg, lm = load_segmentation_config(), load_labelmap()
+    torch.manual_seed(seed)
+    publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, path)

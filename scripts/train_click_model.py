@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", type=Path, default=REPO / "apps" / "pants_label" / "demo_model")
-    ap.add_argument("--n-train", type=int, default=24)
+    ap.add_argument("--n-train", type=int, default=16)
     ap.add_argument("--data-seed", type=int, default=100, help="phantom seed (the benchmark holds out seed 200)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seg-model", type=Path, default=DEMO_SEG, help="segmentation weights for the start labels")
     args = ap.parse_args(argv)

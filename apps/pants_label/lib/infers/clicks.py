@@ -9,7 +9,7 @@ the current label's, unchanged.
 The current label, in this order: a label file the client sends (the ``label`` part); the answer
 to this annotator's previous click on this scan (kept in memory, so click after click builds on
 the last answer); the scan's latest stored label (``final``, then ``original``, then the imported
-masks), when it is newer than that answer; else the segmentation model's result, which its own
+masks), when there is no answer yet or the label was saved since; else the segmentation model's result, which its own
 infer leaves here for the scan (or which is computed once).
 """
 
@@ -49,7 +49,9 @@ class ClickState:
 
     label: np.ndarray  # uint8, the image's shape, Fortran order (written without a copy)
     source: str
-    created: float = field(default_factory=time.time)
+    #: the stored label as it was when this state began (None: not looked at yet); a stored label
+    #: that differs from it was saved since, and replaces the state
+    stored: tuple | None = None
     # class -> (its positive clicks, the background clicks, its window) as last applied
     done: dict[int, tuple[frozenset, frozenset, tuple]] = field(default_factory=dict)
 
@@ -124,13 +126,11 @@ class PanTSClicks(InferTask):
     # ---- the current label
     def remember(self, image_path: str, label: np.ndarray) -> None:
         """The segmentation model's answer for a scan: the start of its clicks (its own infer calls this)."""
-        key = _key(image_path)
-        old = self.states.get(key)
-        if old is None or old.source == "segmentation":
-            self.states.put(key, ClickState(np.asfortranarray(label, dtype=np.uint8), "segmentation"))
+        # the client now shows this answer, so later clicks build on it (earlier clicks are dropped)
+        self.states.put(_key(image_path), ClickState(np.asfortranarray(label, dtype=np.uint8), "segmentation"))
 
-    def _stored(self, image_id: str | None) -> tuple[str, float] | None:
-        """(path, mtime) of the scan's latest stored label, most trusted tag first."""
+    def _stored(self, image_id: str | None) -> tuple[str, int, int] | None:
+        """(path, size, mtime) of the scan's latest stored label, most trusted tag first."""
         if not image_id or self.datastore is None:
             return None
         ds = self.datastore()
@@ -142,7 +142,8 @@ class PanTSClicks(InferTask):
             if tag in tags:
                 uri = ds.get_label_uri(tags[tag], tag)
                 if uri and os.path.isfile(uri):
-                    return uri, os.stat(uri).st_mtime
+                    st = os.stat(uri)
+                    return uri, st.st_size, st.st_mtime_ns
         return None
 
     def _state(self, request: dict[str, Any], vol: Volume, image_path: str) -> ClickState:
@@ -150,12 +151,16 @@ class PanTSClicks(InferTask):
         if request.get("reset_state") is True:
             self.states.drop(key)
         upload = request.get("label")
-        if isinstance(upload, str) and upload not in self.labelmap.names and upload != "background":
-            return self.states.put(key, ClickState(self._read_label(upload, vol, "the label part"), "client"))
-        state = self.states.get(key)
         stored = self._stored(request.get("image_id"))
-        if stored is not None and (state is None or state.source == "segmentation" or stored[1] > state.created):
-            return self.states.put(key, ClickState(self._read_label(stored[0], vol, "the stored label"), "stored"))
+        if isinstance(upload, str) and upload not in self.labelmap.names and upload != "background":
+            label = self._read_label(upload, vol, "the label part")
+            return self.states.put(key, ClickState(label, "client", stored))
+        state = self.states.get(key)
+        if state is not None and state.stored is None:
+            state.stored = stored  # the segmentation answer came after whatever was stored then
+        if stored is not None and (state is None or stored != state.stored):
+            label = self._read_label(stored[0], vol, "the stored label")
+            return self.states.put(key, ClickState(label, "stored", stored))
         if state is not None:
             return state
         if self.segmenter is None:

@@ -12,8 +12,9 @@ What it does, with the defaults (one command, reproducible):
   batches with simulated clicks (lib/model/click_training.py), training seed ``--seed``;
 * writes ``<--out>/segresnet_clicks.pt`` with its card (``clicks_card.json`` beside it).
 
-CPU time, defaults, 2-core box shared with other jobs (torch 2.13, 2 threads): about 25 CPU-minutes
-(README "Click-guided correction" has the measured figure). ``make serve`` copies the file into
+CPU time, defaults (16 phantoms, 300 steps), 2-core box shared with another training run (torch 2.13,
+2 threads, nice 19): 48.6 CPU-minutes, 56 min wall; the committed weights are that run's (README
+"Click-guided correction"). The defaults were cut from 24 phantoms and 1,200 steps to fit an hour. ``make serve`` copies the file into
 the demo dataset's model store.
 
 Examples:

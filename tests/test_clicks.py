@@ -138,3 +138,14 @@ def test_fast_label_writer_reads_back_with_the_image_geometry(tmp_path: Path, su
         np.testing.assert_allclose(img.affine, affine)
     assert data.dtype == np.uint8
     np.testing.assert_array_equal(data, label)
+
+
+def test_demo_click_weights_are_small_load_and_say_they_are_phantom_weights() -> None:
+    path = Path(__file__).resolve().parents[1] / "apps" / "pants_label" / "demo_model" / "segresnet_clicks.pt"
+    assert path.stat().st_size < 10 << 20
+    model = ClickModel(CFG, SEG, LM, path)
+    model.network()  # loads: the network of configs/clicks.yaml, trained for this label map
+    assert model.trained and model.meta["labels"] == LM.names
+    assert model.meta["phantom_model"] is True and "phantoms" in model.meta["note"]
+    card = (path.parent / "clicks_card.json").read_text()
+    assert "train_cpu_s" in card and "command" in card

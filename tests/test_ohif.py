@@ -176,14 +176,30 @@ def test_point_prompt_on_the_lesion_corrects_the_result(viewer: dict) -> None:
     b.click_text("Point Prompts")
     b.wait_for(_includes("deepedit"), 30, what="the click model in Point Prompts")
     row = "[...document.querySelectorAll('tr.clickable-row')].find(r => r.innerText.trim() === 'pancreatic_lesion')"
-    b.click_element(row, what="the pancreatic_lesion row")
-    b.wait_for(f"{row}.style.backgroundColor === 'darkblue'", 10, what="pancreatic_lesion to be selected")
+    for attempt in range(4):  # a notice of the last run may still cover the list for a few seconds
+        b.click_element(row, what="the pancreatic_lesion row")
+        try:
+            b.wait_for(f"{row}.style.backgroundColor === 'darkblue'", 3, what="pancreatic_lesion to be selected")
+            break
+        except AssertionError:
+            if attempt == 3:
+                raise
+            time.sleep(2)
     x, y = b.wait_for(_SHOW_POINT % json.dumps(world), 30, what="the lesion slice")
     time.sleep(1)
     before = b.screenshot(OUT / "ohif_clicks_before.png")
-    b.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-    b.click(x, y)  # the ProbeMONAILabel tool places the point
-    b.wait_for(_PROBES, 30, what="the point to be placed")
+    for attempt in range(3):  # a click that lands while the viewport still renders places nothing
+        b.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        b.click(x, y)  # the ProbeMONAILabel tool places the point
+        try:
+            b.wait_for(_PROBES, 10, what="the point to be placed")
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+            x, y = b.js(_SHOW_POINT % json.dumps(world))
+            time.sleep(1)
+    assert b.js(_PROBES) == 1, "one point, not more"
     b.click_element("[...document.querySelectorAll('label.tab-label')].find(l => l.innerText.trim() === "
                     "'Point Prompts').closest('.tab').querySelector('button')", what="the Point Prompts Run")
     _wait_console(b, "Target Labels to update", 180)

@@ -34,7 +34,7 @@ from lib.imaging.volume_cache import VolumeCache
 from lib.imaging.volume_io import Volume, load_volume, result_suffix, write_label_fast
 from lib.model.clicks import ClickModel
 from lib.model.segmenter import Segmenter
-from lib.server.checks import ClickRequest, check_click_params
+from lib.infers.click_params import ClickRequest, check_click_params
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,8 @@ def test_window_holds_the_clicks_in_multiples_of_8_and_stays_in_the_scan() -> No
     assert w.size[1] * spacing[1] >= CFG.window_min * CFG.spacing_mm - spacing[1]
     # near the edge the window is shifted inside, not cut
     assert w.box[0].start == 0 and w.size[0] == round(CFG.window_min * CFG.spacing_mm / spacing[0])
+    # the network grid is the window at spacing_mm, not one multiple of 8 more
+    assert w.grid == (CFG.window_min,) * 3
 
 
 def test_window_of_far_apart_clicks_is_capped_and_centred_on_the_newest() -> None:

@@ -123,7 +123,9 @@ def window_for(points: Sequence[Point], shape: Sequence[int], spacing: Sequence[
         centre = (lo[a] + hi[a]) / 2.0
         if need > cfg.window_max and newest is not None:
             centre = float(newest[a])
-        n = max(1, int(round(side / scale[a])))  # scan voxels a side
+        # scan voxels a side, rounded down: rounding up could push the grid to the next multiple of 8
+        # (77 slices of 1.25 mm are 48.1 voxels at 2 mm, a grid of 56; 76 give 48)
+        n = max(1, int(side / scale[a] + 1e-6))
         start = int(round(centre - n / 2.0))
         start = min(max(start, 0), max(int(shape[a]) - n, 0))
         stop = min(start + n, int(shape[a]))

@@ -189,7 +189,8 @@ def bench_server(args: argparse.Namespace, work: Path) -> dict:
             cur = np.asarray(nib.load(out).dataobj) == lm.id_of("pancreatic_lesion")
             os.unlink(out)
             rows.append({"click": k + 1, "request_s": round(wall, 3), **{f"server_{n}": v for n, v in res["latencies"].items()},
-                         "lesion_dsc": round(dice(truth, cur), 3), "positive": c[1]})
+                         "lesion_dsc": round(dice(truth, cur), 3), "positive": c[1],
+                         "corrected": res.get("corrected")})
             print(f"  click {k + 1}: {wall:.2f} s request to answer, server {res['latencies']}, "
                   f"lesion DSC {rows[-1]['lesion_dsc']:.2f}", flush=True)
         return {"segmentation_s": round(seg_s, 2), "hwm_after_segmentation_gb": round(seg_hwm, 2),

@@ -12,7 +12,7 @@ SegResNet sees
 and answers the class's mask in the window. :func:`merge` writes it back into the label map inside
 the window only: every voxel outside it stays as it was, bit for bit.
 
-Infer (:mod:`lib.infers.clicks`) and training (:mod:`lib.trainers.clicks`, ``scripts/train_click_model.py``)
+Infer (:mod:`lib.infers.clicks`) and training (:mod:`lib.model.click_training`, ``scripts/train_click_model.py``)
 use the same :func:`window_for`, :func:`encode` and :func:`simulate_click`.
 """
 

@@ -46,14 +46,19 @@ demo: setup
 	@if [ "$(STUDIES)" = "data/demo" ] && [ -f $(DEMO_STAGE2) ] && [ ! -f $(DEMO_MODEL_DIR)/segresnet_pancreas.pt ]; then \
 		mkdir -p $(DEMO_MODEL_DIR) && cp $(DEMO_STAGE2) $(DEMO_MODEL_DIR)/; \
 	fi
+	@if [ "$(STUDIES)" = "data/demo" ] && [ -f $(DEMO_CLICKS) ] && [ ! -f $(DEMO_MODEL_DIR)/segresnet_clicks.pt ]; then \
+		mkdir -p $(DEMO_MODEL_DIR) && cp $(DEMO_CLICKS) $(DEMO_MODEL_DIR)/; \
+	fi
 
 # The demo starts a fresh campaign: its phantom masks are hidden, so every scan is there to annotate.
 # It serves the committed phantom models (scripts/train_demo_model.py: the whole-body model and,
-# with --second-stage, infer's pancreas stage), copied once into the demo
+# with --second-stage, infer's pancreas stage; scripts/train_click_model.py: the deepedit click
+# model), copied once into the demo
 # dataset's own model store (where the server records it as version v1), so that retraining from
 # the client never touches the committed file.
 DEMO_MODEL := apps/pants_label/demo_model/segresnet_fast.pt
 DEMO_STAGE2 := apps/pants_label/demo_model/segresnet_pancreas.pt
+DEMO_CLICKS := apps/pants_label/demo_model/segresnet_clicks.pt
 DEMO_MODEL_DIR := data/demo/.pants_label/models
 DEMO_CONF := $(if $(filter data/demo,$(STUDIES)),--conf hide_imported_labels true --conf preset fast,)
 

@@ -27,6 +27,10 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from lib.core.jsonsafe import json_safe
 from lib.core.al_config import DEFAULT_AL_CONFIG, load_al_config  # noqa: E402
 from lib.infers.segmentation import PanTSSegmentation  # noqa: E402
+from lib.infers.clicks import ClickStates, PanTSClicks  # noqa: E402
+from lib.core.click_config import load_click_config  # noqa: E402
+from lib.imaging.volume_cache import VolumeCache  # noqa: E402
+from lib.model.clicks import ClickModel  # noqa: E402
 from lib.core.labelmap import load_labelmap  # noqa: E402
 from lib.datastore.protocol import ScoredStore  # noqa: E402
 from lib.model.model_store import ModelStore, model_path  # noqa: E402
@@ -45,6 +49,10 @@ from lib.trainers.segmentation import PanTSTrain  # noqa: E402
 logger = logging.getLogger(__name__)
 
 MODEL = "segmentation"
+#: the click model: type ``deepedit``, the one OHIF's point prompts and 3D Slicer's point tool drive
+CLICK_MODEL = "deepedit"
+#: the click model's weights and versions live in the model store as this "preset"
+CLICK_PRESET = "clicks"
 SCORING = "pants_uncertainty"
 
 
@@ -55,6 +63,7 @@ class PanTSLabelApp(MONAILabelApp):
         self.settings = AppSettings.from_conf(conf)
         self.labelmap = load_labelmap()
         self.seg_config = load_segmentation_config()
+        self.click_config = load_click_config().check_labels(self.labelmap)
         self.al_config = load_al_config(self.settings.al_config or DEFAULT_AL_CONFIG).check_labels(self.labelmap)
         self.review_config = load_review_config(self.settings.review_config or DEFAULT_REVIEW_CONFIG)
         load_front_secret(self.settings.front_secret_file)  # X-Remote-User is trusted only with it
@@ -82,8 +91,9 @@ class PanTSLabelApp(MONAILabelApp):
 
         self.model_dir = model_dir_for(self.settings.model_dir, datastore)
         self.models = ModelStore(self.model_dir, self.preset, dataset_identity(datastore))
-        # infer's pancreas stage: its own preset's versions in the same store
+        # infer's pancreas stage and the click model: their own presets' versions in the same store
         self.second_models = ModelStore(self.model_dir, self.seg_config.second_stage.preset, self.models.dataset)
+        self.click_models = ModelStore(self.model_dir, CLICK_PRESET, self.models.dataset)
         logger.info(f"PanTS Label: preset '{self.preset}' on {self.device}; models in {self.model_dir}")
         return datastore
 
@@ -131,7 +141,16 @@ class PanTSLabelApp(MONAILabelApp):
             Segmenter(self.seg_config, self.labelmap, stage.preset, model_path(self.model_dir, stage.preset), self.device),
             stage.margin_mm,
         )
-        return {MODEL: PanTSSegmentation(segmenter, self.labelmap, self.models, second, self.second_models)}
+        # Decoded scans and current labels are shared: a click right after auto-segmentation
+        # starts from that result without decoding the scan again.
+        volumes = VolumeCache(2)
+        click_model = ClickModel(self.click_config, self.seg_config, self.labelmap,
+                                 self.click_models.serving_path, self.device)
+        clicks = PanTSClicks(click_model, self.labelmap, self.click_config, volumes, ClickStates(), segmenter,
+                             self.datastore, self.click_models.serving_version)
+        segmentation = PanTSSegmentation(segmenter, self.labelmap, self.models, second, self.second_models,
+                                         volumes, clicks.remember)
+        return {MODEL: segmentation, CLICK_MODEL: clicks}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {
@@ -163,6 +182,7 @@ class PanTSLabelApp(MONAILabelApp):
         recover(self.datastore(), self.model_dir)
         self.models.adopt_serving()  # weights placed by hand become a version with a card
         self.second_models.adopt_serving()
+        self.click_models.adopt_serving()
         s = self.settings
         install_server_guards(s.max_upload_mb << 20, s.infer_workers, s.infer_queue)
         from lib.server.model_routes import install_model_routes
@@ -207,6 +227,9 @@ class PanTSLabelApp(MONAILabelApp):
             from lib.imaging.volume_decode import check_client_image
 
             check_client_image(image, "uploaded image")
+            request = {**request, "image_id": None}
+        else:
+            request = {**request, "image_id": image}  # set here, never by the client: the click model's stored label
         return super().infer(request, datastore)
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:

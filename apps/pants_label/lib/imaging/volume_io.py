@@ -8,6 +8,7 @@ resampling), so it is exact and cheap to undo.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,60 @@ def _write_nrrd(label: np.ndarray, affine: np.ndarray, path: Path) -> None:
         "encoding": "gzip",
     }
     nrrd.write(str(path), np.ascontiguousarray(label.astype(np.uint8, copy=False)), header, index_order="F")
+
+
+def _gzip_bytes(data: memoryview, level: int) -> list[bytes]:
+    """``data`` as one gzip member (zlib writes the header and the CRC)."""
+    comp = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return [comp.compress(data), comp.flush()]
+
+
+def _f_order_bytes(label: np.ndarray) -> memoryview:
+    """The array's bytes with the first index fastest (NIfTI's and NRRD's order), without a copy
+    when it is Fortran-ordered already (a NIfTI-loaded volume)."""
+    arr = label.astype(np.uint8, copy=False)
+    t = arr.T if arr.flags.f_contiguous else np.ascontiguousarray(arr.T)
+    return memoryview(t).cast("B")
+
+
+def write_label_fast(label: np.ndarray, affine: np.ndarray, path: str | os.PathLike, level: int = 1) -> Path:
+    """:func:`write_label` for answers that must be quick (the click model): the bytes are
+    compressed in one pass at zlib ``level`` 1 (a 512x512x300 map in about 0.15 s; the generic
+    writers take 0.9 to 1.5 s). ``.nii.gz``, ``.nii`` or ``.nrrd`` by suffix, atomically."""
+    path = Path(path)
+    data = _f_order_bytes(label)
+    if path.name.endswith(".nrrd"):
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        vec = lambda v: "(" + ",".join(repr(float(x)) for x in v) + ")"  # noqa: E731
+        header = (
+            "NRRD0004\ntype: unsigned char\ndimension: 3\nspace: left-posterior-superior\n"
+            f"sizes: {' '.join(str(n) for n in label.shape)}\n"
+            f"space directions: {' '.join(vec(lps[:3, a]) for a in range(3))}\n"
+            "kinds: domain domain domain\nencoding: gzip\n"
+            f"space origin: {vec(lps[:3, 3])}\n\n"
+        ).encode()
+        chunks = [header, *_gzip_bytes(data, level)]
+    else:
+        img = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        hdr = img.header
+        hdr.set_data_shape(label.shape)
+        hdr.set_data_dtype(np.uint8)
+        hdr["vox_offset"] = 352
+        head = hdr.binaryblock + b"\0" * 4  # no extensions
+        if path.name.endswith(".gz"):
+            comp = zlib.compressobj(level, zlib.DEFLATED, 31)
+            chunks = [comp.compress(head), comp.compress(data), comp.flush()]
+        else:
+            chunks = [head, bytes(data)]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+
+    return atomic_write(path, write)
 
 
 def result_suffix(requested: str | None) -> str:

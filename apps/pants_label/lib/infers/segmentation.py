@@ -6,7 +6,9 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
@@ -15,6 +17,7 @@ from lib.core.labelmap import LabelMap
 from lib.model.model_store import ModelStore
 from lib.model.pancreas_stage import SecondStage
 from lib.model.segmenter import Segmenter
+from lib.imaging.volume_cache import VolumeCache
 from lib.imaging.volume_io import load_volume, result_suffix, write_label
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,11 @@ class PanTSSegmentation(InferTask):
         models: ModelStore | None = None,
         second: SecondStage | None = None,
         second_models: ModelStore | None = None,
+        volumes: VolumeCache | None = None,
+        on_result: Callable[[str, np.ndarray], None] | None = None,
     ) -> None:
+        """``volumes``: decoded scans shared with the click model; ``on_result(image, label)``
+        hands each answer on (the click model starts its corrections from it)."""
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labelmap.labels_dict(),
@@ -43,6 +50,8 @@ class PanTSSegmentation(InferTask):
         self.models = models
         self.second = second
         self.second_models = second_models
+        self.volumes = volumes
+        self.on_result = on_result
 
     # ---- what clients see
     def is_trained(self) -> bool:
@@ -102,7 +111,7 @@ class PanTSSegmentation(InferTask):
 
         t = time.perf_counter()
         try:
-            vol = load_volume(image)
+            vol = self.volumes.get(image) if self.volumes is not None else load_volume(image)
         except (ValueError, FileNotFoundError) as err:
             raise unprocessable(str(err)) from None
         latencies = {"load": round(time.perf_counter() - t, 3)}
@@ -116,6 +125,8 @@ class PanTSSegmentation(InferTask):
             info = self.second.segmenter.info
             second_version = info.meta.get("version") or (
                 self.second_models.serving_version() if self.second_models else None)
+        if self.on_result is not None:
+            self.on_result(image, label)
 
         t = time.perf_counter()
         fd, out = tempfile.mkstemp(suffix=suffix, prefix="pants_seg_")

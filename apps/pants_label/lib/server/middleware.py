@@ -312,11 +312,21 @@ class RequestGuard:
                     raise
                 if route.kind == "infer" and parsed:
                     check_range(parsed, INFER_NUMBERS, "params")
-                    owned = [k for k in SERVER_OWNED_PARAMS if k in parsed]
+                    # a model that reads more of params (the click model's points) checks them here,
+                    # before the image is read; its params.label names a class (3D Slicer's selected
+                    # segment), which its check refuses unless it is one
+                    check = getattr(getattr(self.get_instance(), "_infers", {}).get(route.name), "check_params", None)
+                    owned = [k for k in SERVER_OWNED_PARAMS if k in parsed and not (k == "label" and check)]
                     if owned:
                         spool.close()
                         raise ClientError(400, f"params.{owned[0]} is set by the server; send the image id as the "
                                            "'image' query parameter or the image as the 'file' part")
+                    if check is not None:
+                        try:
+                            check(parsed)
+                        except BaseException:
+                            spool.close()
+                            raise
         if route.kind == "infer":
             try:
                 self._check_infer_image(scope, files, route)

@@ -215,11 +215,12 @@ def _status(client, params: dict | str) -> tuple[int, str]:
         ({"liver": "1,2,3"}, 400, ["params.liver", "list of points"]),
         ({"background": {"i": 1}}, 400, ["params.background", "list of points"]),
         ({"foreground": [[1, 2, 3]]}, 400, ["params.foreground", "params.label"]),
+        ({"null": [[1, 2, 3]]}, 400, ["params.null", "select the label"]),
         ({}, 400, ["no clicks"]),
     ],
     ids=["outside", "negative", "unknown-label", "unknown-selected-label", "too-many", "non-integer", "nan",
          "infinite", "string-coordinate", "flat-list", "two-coordinates", "not-a-list", "dict", "foreground-no-label",
-         "no-clicks"],
+         "no-label-selected", "no-clicks"],
 )
 def test_bad_clicks_get_a_4xx_naming_the_problem(client, params, code: int, words: list[str]) -> None:
     status, body = _status(client, params)

@@ -73,6 +73,10 @@ def check_click_params(params: dict[str, Any], label_names: list[str], max_point
     for key, value in params.items():
         is_points = isinstance(value, list)
         if key not in known and key not in (BACKGROUND, FOREGROUND):
+            if is_points and value and key in ("null", "undefined", ""):
+                # OHIF's point tool sends the points under the selected label's name, "null" if none
+                raise ClientError(400, f"params.{key}: points without a label: select the label the points "
+                                       "belong to (e.g. pancreatic_lesion) before placing them")
             if is_points and (not value or isinstance(value[0], (list, tuple))):
                 raise ClientError(400, f"params.{key}: " + unknown("label name", key, [*label_names, BACKGROUND],
                                                                    ordered=True))

@@ -186,6 +186,27 @@ def test_clicks_build_on_the_previous_answer(app, client, tmp_path: Path) -> Non
         np.testing.assert_array_equal(second[outside], first[outside])
 
 
+def test_each_reader_builds_on_their_own_clicks(app, tmp_path: Path) -> None:
+    """Two annotators on one scan (3D Slicer sends its client_id): reader B never starts from
+    reader A's answer, and A's state survives B's clicks."""
+    from monailabel.client import MONAILabelClient
+
+    server, root, truth, affine = app
+    a = MONAILabelClient(server.url, tmpdir=str(root), client_id="reader-a")
+    b = MONAILabelClient(server.url, tmpdir=str(root), client_id="reader-b")
+    lesion = truth == LESION
+    missed = truth.copy()
+    missed[lesion] = HEAD
+    click = _centre(lesion)
+    _, res = _click(a, {"pancreatic_lesion": [click], "reset_state": True},
+                    _label_file(tmp_path / "a.nii.gz", missed, affine))
+    assert res["current_label"] == "client"
+    _, res = _click(b, {"background": [[2, 2, 2]]})
+    assert res["current_label"] != "client", res  # not A's label
+    _, res = _click(a, {"pancreatic_lesion": [click]})
+    assert res["current_label"] == "client" and not res["corrected"], res  # A's own answer, unchanged clicks
+
+
 def _status(client, params: dict | str) -> tuple[int, str]:
     """(HTTP status, body) of a click request whose params may be raw JSON text."""
     from monailabel.client.client import MONAILabelUtils

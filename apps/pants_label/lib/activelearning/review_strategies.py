@@ -17,18 +17,10 @@ from typing import Any
 from lib.activelearning.strategies import LeasingStrategy
 from lib.core.al_config import StrategyConfig
 from lib.core.errors import ClientError
-from lib.core.identity import current_identity
+from lib.core.identity import current_identity, reader_of
 from lib.datastore.pants import PanTSDatastore
 
 _READER: contextvars.ContextVar[str] = contextvars.ContextVar("pants_reader", default="anonymous")
-
-
-def reader_of(request: dict[str, Any]) -> str:
-    who = current_identity()
-    if who is not None:
-        return who.name
-    client = request.get("client_id")
-    return client.strip()[:64] if isinstance(client, str) and client.strip() else "anonymous"
 
 
 def _review_store(datastore: Any, name: str) -> PanTSDatastore:
@@ -88,4 +80,4 @@ def review_strategies(cfg: StrategyConfig, seed: int | None = None) -> dict[str,
     return {"review": ReviewStrategy(cfg, seed), "senior_review": SeniorReviewStrategy(cfg, seed)}
 
 
-__all__ = ["ReviewStrategy", "SeniorReviewStrategy", "reader_of", "review_strategies"]
+__all__ = ["ReviewStrategy", "SeniorReviewStrategy", "review_strategies"]

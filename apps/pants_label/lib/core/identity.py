@@ -18,6 +18,7 @@ import contextvars
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lib.core.errors import ConfigError
 
@@ -89,4 +90,15 @@ def current_identity() -> Identity | None:
     return REQUEST_IDENTITY.get()
 
 
-__all__ = ["Identity", "REQUEST_IDENTITY", "ROLES", "current_identity", "identity_from_headers", "load_front_secret"]
+def reader_of(request: dict[str, Any]) -> str:
+    """Who sent ``request``: the front's trusted user, else the client's ``client_id`` (as 3D Slicer
+    sends it), else ``anonymous``."""
+    who = current_identity()
+    if who is not None:
+        return who.name
+    client = request.get("client_id")
+    return client.strip()[:64] if isinstance(client, str) and client.strip() else "anonymous"
+
+
+__all__ = ["Identity", "REQUEST_IDENTITY", "ROLES", "current_identity", "identity_from_headers", "load_front_secret",
+           "reader_of"]

@@ -29,6 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.core.click_config import ClickConfig
 from lib.core.errors import bad_request, unprocessable
+from lib.core.identity import reader_of
 from lib.core.labelmap import LabelMap
 from lib.imaging.volume_cache import VolumeCache
 from lib.imaging.volume_io import Volume, load_volume, result_suffix, write_label_fast
@@ -84,8 +85,10 @@ class ClickStates:
             self._items.pop(key, None)
 
 
-def _key(path: str) -> str:
-    return os.path.abspath(path)
+def _key(path: str, request: dict[str, Any] | None) -> str:
+    """Click state is per reader and scan: two annotators clicking one scan never build on each
+    other's clicks."""
+    return f"{reader_of(request or {})}\0{os.path.abspath(path)}"
 
 
 class PanTSClicks(InferTask):
@@ -124,10 +127,11 @@ class PanTSClicks(InferTask):
         return check_click_params(params, self.labelmap.names, self.cfg.max_points)
 
     # ---- the current label
-    def remember(self, image_path: str, label: np.ndarray) -> None:
-        """The segmentation model's answer for a scan: the start of its clicks (its own infer calls this)."""
+    def remember(self, image_path: str, label: np.ndarray, request: dict[str, Any] | None = None) -> None:
+        """The segmentation model's answer for a scan: the start of its reader's clicks (its own
+        infer calls this with its request)."""
         # the client now shows this answer, so later clicks build on it (earlier clicks are dropped)
-        self.states.put(_key(image_path), ClickState(np.asfortranarray(label, dtype=np.uint8), "segmentation"))
+        self.states.put(_key(image_path, request), ClickState(np.asfortranarray(label, dtype=np.uint8), "segmentation"))
 
     def _stored(self, image_id: str | None) -> tuple[str, int, int] | None:
         """(path, size, mtime) of the scan's latest stored label, most trusted tag first."""
@@ -147,7 +151,7 @@ class PanTSClicks(InferTask):
         return None
 
     def _state(self, request: dict[str, Any], vol: Volume, image_path: str) -> ClickState:
-        key = _key(image_path)
+        key = _key(image_path, request)
         if request.get("reset_state") is True:
             self.states.drop(key)
         upload = request.get("label")

@@ -35,9 +35,9 @@ class PanTSSegmentation(InferTask):
         second: SecondStage | None = None,
         second_models: ModelStore | None = None,
         volumes: VolumeCache | None = None,
-        on_result: Callable[[str, np.ndarray], None] | None = None,
+        on_result: Callable[[str, np.ndarray, dict[str, Any]], None] | None = None,
     ) -> None:
-        """``volumes``: decoded scans shared with the click model; ``on_result(image, label)``
+        """``volumes``: decoded scans shared with the click model; ``on_result(image, label, request)``
         hands each answer on (the click model starts its corrections from it)."""
         super().__init__(
             type=InferType.SEGMENTATION,
@@ -126,7 +126,7 @@ class PanTSSegmentation(InferTask):
             second_version = info.meta.get("version") or (
                 self.second_models.serving_version() if self.second_models else None)
         if self.on_result is not None:
-            self.on_result(image, label)
+            self.on_result(image, label, request)
 
         t = time.perf_counter()
         fd, out = tempfile.mkstemp(suffix=suffix, prefix="pants_seg_")

@@ -139,11 +139,11 @@ def test_save_label_then_download(app, client, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj), label)
 
 
-def _wait_training(client, timeout: float = 600) -> dict:
+def _wait_training(client, timeout: float = 600, model: str = "segmentation") -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         running = client.train_status(check_if_running=True)
-        stats = client.info()["train_stats"]["segmentation"]
+        stats = client.info()["train_stats"].get(model, {})
         if not running and stats.get("status") in {"DONE", "FAILED"}:
             return stats
         time.sleep(1)
@@ -182,6 +182,28 @@ def test_pancreas_stage_is_used_once_its_weights_are_published(app, client) -> N
     assert both["second_stage"]["preset"] == "pancreas" and "stage2" in both["latencies"]
     assert label.shape == nib.load(app[1] / "ImageTr" / "PanTS_00000002" / "ct.nii.gz").shape
     (app[2] / "segresnet_pancreas.pt").unlink()  # the rest of the module: stage 1 alone
+
+
+def test_click_model_trains_on_the_labels_and_publishes_only_a_better_version(app, client) -> None:
+    from monailabel.client.client import MONAILabelClientException
+
+    with pytest.raises(MONAILabelClientException) as err:  # refused before a run starts
+        client.train_start("deepedit", {"steps": 0})
+    assert "422" in str(err.value) or "steps" in str(err.value.msg), err.value
+    assert client.info()["models"]["deepedit"]["model_version"] is None
+    client.train_start("deepedit", {"steps": 20})
+    stats = _wait_training(client, model="deepedit")
+    assert stats["status"] == "DONE", stats
+    assert stats["train_size"] >= 1 and stats["val_size"] >= 1
+    # the publish rule: a new version only when it beats the served (here: untrained) weights
+    assert stats["published"] is (stats["val_metric"] > stats["baseline_metric"]), stats
+    served = client.info()["models"]["deepedit"]
+    if stats["published"]:
+        assert served["trained"] is True and served["model_version"] == stats["version"] == "v1"
+        card = json.loads((app[2] / "versions" / "clicks" / "v1" / "card.json").read_text())
+        assert card["baseline"]["val_metric"] == stats["baseline_metric"] and card["val_metric"] == stats["val_metric"]
+    else:
+        assert served["model_version"] is None
 
 
 def test_bad_conf_stops_the_server_naming_the_key(tmp_path: Path) -> None:

@@ -151,3 +151,22 @@ def test_demo_click_weights_are_small_load_and_say_they_are_phantom_weights() ->
     assert model.meta["phantom_model"] is True and "phantoms" in model.meta["note"]
     card = (path.parent / "clicks_card.json").read_text()
     assert "train_cpu_s" in card and "command" in card
+
+
+def test_train_task_score_ranks_the_demo_weights_above_random_ones(tmp_path: Path) -> None:
+    """The publish rule of POST /train/deepedit compares scores: on a held-out phantom at physical
+    scale the trained demo weights must score above random ones, or the rule could not tell."""
+    from lib.imaging.volume_io import Volume
+    from lib.model.click_training import prepare_case
+    from lib.model.model_store import ModelStore
+    from lib.trainers.clicks import PanTSClickTrain
+    from pants_tools.phantom import make_case
+
+    p = make_case(1, shape=(200, 200, 120), spacing=(2.0, 2.0, 3.0), seed=200, lesion=True)
+    case = prepare_case(Volume(p.ct.astype(np.float32), p.affine), LM.consolidate(p.masks), None, LM, SEG, CFG)
+    assert case is not None
+    task = PanTSClickTrain(CFG, SEG, LM, ModelStore(tmp_path, "clicks"))
+    path = Path(__file__).resolve().parents[1] / "apps" / "pants_label" / "demo_model" / "segresnet_clicks.pt"
+    demo = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    trained, random = task.score(demo, [case]), task.score(None, [case])
+    assert trained > random + 0.2, (trained, random)

@@ -33,7 +33,8 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
     root = base / "PanTS"
     ids = write_pants_tree(root, 5, shape=SHAPE, spacing=SPACING, seed=7)
     model_dir = base / "model"
-    conf = {"model_dir": str(model_dir), "preset": "fast", "auto_train_after": "2", "train_max_epochs": "1"}
+    conf = {"model_dir": str(model_dir), "preset": "fast", "auto_train_after": "2", "train_max_epochs": "1",
+            "auto_train_clicks": "false"}  # the click model's chained run: tests/test_app_server.py trains it
     server = Server(root, base / "server.log", conf=conf)
     try:
         yield server, root, model_dir, ids

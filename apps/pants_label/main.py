@@ -44,6 +44,7 @@ from lib.activelearning.review_strategies import review_strategies  # noqa: E402
 from lib.core.identity import load_front_secret  # noqa: E402
 from lib.core.review_config import DEFAULT_REVIEW_CONFIG, load_review_config  # noqa: E402
 from lib.datastore.pants import PanTSDatastore  # noqa: E402
+from lib.trainers.clicks import PanTSClickTrain  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,27 @@ class PanTSLabelApp(MONAILabelApp):
             MODEL: PanTSTrain(
                 self.seg_config, self.labelmap, self.preset, self.model_dir, self.device,
                 max_epochs=self.settings.train_max_epochs, dataset=self.models.dataset,
-            )
+            ),
+            # the click model learns on the same labels; its clicks correct the served segmentation
+            CLICK_MODEL: PanTSClickTrain(
+                self.click_config, self.seg_config, self.labelmap, self.click_models,
+                Segmenter(self.seg_config, self.labelmap, self.preset, model_path(self.model_dir, self.preset), "cpu"),
+            ),
         }
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's train, then (auto-retrain only) the click model on the same labels: its
+        clicks correct the segmentation model's answers, so it follows that model's versions."""
+        result = super().train(request)
+        trigger = str(request.get("trigger", ""))
+        if request.get("model") == MODEL and trigger.startswith("auto:") and self.settings.auto_train_clicks:
+            try:
+                clicks = super().train({"model": CLICK_MODEL, "trigger": trigger})
+                logger.info(f"auto-retrain of the click model: {clicks.get('val_metric')} "
+                            f"(published: {clicks.get('published')})")
+            except Exception:  # noqa: BLE001 - the segmentation run's result stands on its own
+                logger.exception("auto-retrain of the click model failed")
+        return result
 
     def init_strategies(self) -> dict[str, Strategy]:
         strategies = dict(make_strategies(self.al_config.strategies))

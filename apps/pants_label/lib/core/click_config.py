@@ -33,6 +33,11 @@ class ClickTraining(_Frozen):
     rounds: int = Field(3, ge=0, le=20)
     class_weights: dict[str, float] = {}
     other_weight: float = Field(1.0, ge=0)
+    # the server's train task (POST /train/deepedit)
+    steps: int = Field(300, ge=1, le=1_000_000)
+    max_scans: int = Field(24, ge=2, le=100_000)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_samples: int = Field(24, ge=1, le=10_000)
     start_erase: float = Field(0.35, ge=0, le=1)
     start_shrink: float = Field(0.2, ge=0, le=1)
     start_grow: float = Field(0.2, ge=0, le=1)

@@ -1,0 +1,174 @@
+"""MONAI Label train task ``deepedit``: the click model, retrained from the labelled scans.
+
+The same data as the segmentation model's train task (a reader's ``final`` over the imported PanTS
+masks, :meth:`Datastore.datalist`), the same fixed center-stratified validation split
+(:func:`lib.model.training.split_train_val`), the same model store and publish rule: a run starts
+from the served click weights, trains with simulated clicks (:func:`lib.model.click_training.fit_clicks`,
+DeepEdit style), and publishes a new version only when it beats the served weights on the held-out
+scans. The score is the Dice of the answer to simulated clicks on ``val_samples`` windows drawn with
+a fixed seed (each network runs its own simulated rounds, as in use).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+from pydantic import BaseModel, ConfigDict, Field
+
+from lib.core.click_config import ClickConfig
+from lib.core.config_errors import validate_model
+from lib.core.labelmap import LabelMap
+from lib.core.settings import SegmentationConfig
+from lib.imaging.volume_io import load_volume
+from lib.model.click_training import ClickCase, fit_clicks, make_sample, prepare_case
+from lib.model.clicks import build_click_network
+from lib.model.model_card import code_version, device_description
+from lib.model.model_store import ModelStore, read_json, write_json_atomic
+from lib.model.segmenter import Segmenter
+from lib.model.training import meta_centers, split_train_val
+
+logger = logging.getLogger(__name__)
+
+
+class ClickTrainRequest(BaseModel):
+    """Options a client may send with ``POST /train/deepedit`` (defaults from clicks.yaml)."""
+
+    model_config = ConfigDict(extra="ignore")  # clients also send model/device/etc.
+
+    steps: int = Field(ge=1, le=1_000_000)
+    max_scans: int = Field(ge=2, le=100_000)
+    from_scratch: bool = False
+    trigger: str = "on demand"
+
+
+class PanTSClickTrain(TrainTask):
+    #: the options a client may send (the request guard answers 422 for a bad one before a run starts)
+    request_model = ClickTrainRequest
+
+    def __init__(self, cfg: ClickConfig, seg_cfg: SegmentationConfig, labelmap: LabelMap, store: ModelStore,
+                 segmenter: Segmenter | None = None, device: str = "cpu") -> None:
+        super().__init__("Train the click model (deepedit) with simulated clicks on the labelled scans")
+        self.cfg, self.seg_cfg, self.labelmap, self.store = cfg, seg_cfg, labelmap, store
+        self.segmenter = segmenter  # the served segmentation model: the start labels clicks correct
+        self.device = device
+        self.stats_path = store.root / f"train_stats_{store.preset}.json"
+
+    def config(self) -> dict[str, Any]:
+        t = self.cfg.training
+        return {"steps": t.steps, "max_scans": t.max_scans, "from_scratch": False}
+
+    def stats(self) -> dict[str, Any]:
+        return read_json(self.stats_path, default={}) or {}
+
+    def _write(self, stats: dict[str, Any]) -> None:
+        write_json_atomic(self.stats_path, stats)
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        opts = validate_model("train request", ClickTrainRequest, {**self.config(), **request})
+        t0, cpu0 = time.time(), time.process_time()
+        stats: dict[str, Any] = {"status": "RUNNING", "preset": self.store.preset, "start_ts": t0,
+                                 "trigger": opts.trigger, "progress": 0.0}
+        self._write(stats)
+        try:
+            result = self._run(opts, datastore, stats)
+        except Exception as err:
+            stats.update(status="FAILED", error=f"{type(err).__name__}: {err}", end_ts=time.time())
+            self._write(stats)
+            raise
+        result.update(status="DONE", end_ts=time.time(), progress=1.0, train_wall_s=round(time.time() - t0, 1),
+                      train_cpu_s=round(time.process_time() - cpu0, 1))
+        self._write(result)
+        return result
+
+    # ---- the run -------------------------------------------------------------------------------
+    def _run(self, opts: ClickTrainRequest, datastore: Datastore, stats: dict[str, Any]) -> dict[str, Any]:
+        t = self.cfg.training
+        pairs = {d["image_id"] if "image_id" in d else Path(d["image"]).name: d for d in datastore.datalist()}
+        if len(pairs) < 2:
+            raise ValueError(f"training needs at least 2 labelled scans, the datastore has {len(pairs)}")
+        train_ids, val_ids = split_train_val(list(pairs), meta_centers(datastore, list(pairs)), t.val_fraction, t.seed)
+        rng = np.random.default_rng(t.seed)
+        if len(train_ids) > opts.max_scans:  # a seeded draw, so reruns on the same data agree
+            train_ids = sorted(rng.choice(train_ids, opts.max_scans, replace=False).tolist())
+        self.store.adopt_serving()
+        parent = self.store.serving_version()
+        stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent)
+        self._write(stats)
+
+        train = [c for c in (self._case(pairs[i]) for i in train_ids) if c is not None]
+        val = [c for c in (self._case(pairs[i]) for i in val_ids) if c is not None]
+        if not train or not val:
+            raise ValueError("no labelled scan holds a pancreas region to click in (training and validation need one each)")
+        served = self._served_state()
+        start = None if opts.from_scratch or served is None else served
+        state, losses = fit_clicks(train, self.labelmap, self.cfg, opts.steps, t.seed, state=start)
+        new_score = self.score(state, val)
+        baseline = self.score(served, val) if served is not None else self.score(None, val)
+        result = {**stats, "loss": round(float(np.mean(losses[-50:])), 4), "val_metric": round(new_score, 4),
+                  "baseline_metric": round(baseline, 4), "steps": opts.steps}
+        if new_score <= baseline:
+            logger.info(f"click model: val {new_score:.4f} does not beat the served {baseline:.4f}: not published")
+            result["published"] = False
+            return result
+        card = {
+            "preset": self.store.preset, "network": "ClickNet (SegResNet on 2x2x2 blocks)",
+            "training_scans": {"count": len(train), "ids": train_ids[:50]}, "validation_scans": len(val),
+            "val_metric": round(new_score, 4), "metric": "Dice after simulated clicks (held-out scans)",
+            "baseline": {"version": parent, "val_metric": round(baseline, 4)}, "parent": parent,
+            "initialised_from": None if start is None else parent, "trigger": opts.trigger, "steps": opts.steps,
+            "code_version": code_version(), "device": device_description("cpu", 1),
+        }
+        meta = {"labels": self.labelmap.names, "summary": f"click model: val Dice {new_score:.3f} on {len(val)} scans",
+                "click_config": self.cfg.model_dump(mode="json")}
+        version = self.store.publish(state, meta, card)
+        logger.info(f"click model {version} published: val {new_score:.4f} > {baseline:.4f}")
+        result.update(published=True, version=version)
+        return result
+
+    def _case(self, pair: dict[str, Any]) -> ClickCase | None:
+        vol = load_volume(pair["image"])
+        label = np.asarray(load_volume(pair["label"], dtype=np.uint8).array)
+        start = None
+        if self.segmenter is not None and self.segmenter.model_path.exists():
+            start, _ = self.segmenter.segment(vol)
+        return prepare_case(vol, label, start, self.labelmap, self.seg_cfg, self.cfg)
+
+    def _served_state(self) -> dict[str, torch.Tensor] | None:
+        path = self.store.serving_path
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+    def score(self, state: dict[str, torch.Tensor] | None, cases: list[ClickCase]) -> float:
+        """Mean Dice of the network's answer on ``val_samples`` simulated-click windows of ``cases``
+        (fixed seed: the same draws for every network; random weights for ``state=None``)."""
+        torch.manual_seed(self.cfg.training.seed)
+        net = build_click_network(self.cfg)
+        if state is not None:
+            net.load_state_dict(state)
+        net.eval()
+        rng = np.random.default_rng(self.cfg.training.seed + 1)
+        dices = []
+        tries = 0
+        while len(dices) < self.cfg.training.val_samples and tries < 10 * self.cfg.training.val_samples:
+            tries += 1
+            sample = make_sample(cases[len(dices) % len(cases)], self.labelmap, self.cfg, rng, net)
+            if sample is None:
+                continue
+            x, y = sample
+            with torch.no_grad():
+                pred = (net(x[None])[0] > 0).float()
+            inter = float((pred * y).sum())
+            den = float(pred.sum() + y.sum())
+            dices.append(1.0 if den == 0 else 2 * inter / den)
+        return float(np.mean(dices)) if dices else 0.0
+
+
+__all__ = ["ClickTrainRequest", "PanTSClickTrain"]

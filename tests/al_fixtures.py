@@ -29,3 +29,29 @@ def publish_random_model(path: Path, seed: int) -> None:
     cfg, lm = load_segmentation_config(), load_labelmap()
     torch.manual_seed(seed)
     publish(build_network(cfg, lm.num_classes).state_dict(), {"labels": lm.names}, path)
+
+
+def concurrent_next_samples(url: str, strategies: tuple[str, ...], per_strategy: int = 2) -> dict[str, list[dict]]:
+    """``per_strategy`` annotators per strategy ask for a next sample at once, each with its own
+    ``client_id`` (as 3D Slicer sends it); their answers by strategy. Raises what any of them raised."""
+    import threading
+
+    from monailabel.client import MONAILabelClient
+
+    got: dict[str, list[dict]] = {s: [] for s in strategies}
+    errors: list[BaseException] = []
+
+    def annotator(strategy: str, k: int) -> None:
+        try:
+            got[strategy].append(MONAILabelClient(url, client_id=f"{strategy}-{k}").next_sample(strategy, {}))
+        except BaseException as err:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=annotator, args=(s, k)) for s in strategies for k in range(per_strategy)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return got

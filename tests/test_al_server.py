@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 from lib.model.model_store import model_path
 from pants_tools.phantom import write_pants_tree
 from lib.activelearning.scoring import INFO_KEY, model_version
-from al_fixtures import AL_YAML, publish_random_model
+from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -81,22 +80,8 @@ def test_concurrent_annotators_get_different_scans_from_every_strategy(app) -> N
     server = app[0]
     v1 = model_version(model_path(app[2], "fast"))
     _wait_scored(server, v1)
-    got: dict[str, list[str]] = {s: [] for s in STRATEGIES}
-    errors: list[BaseException] = []
-
-    def annotator(strategy: str, k: int) -> None:
-        try:
-            res = MONAILabelClient(server.url, client_id=f"{strategy}-{k}").next_sample(strategy, {})
-            got[strategy].append(res["id"])
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=annotator, args=(s, k)) for s in STRATEGIES for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    answers = concurrent_next_samples(server.url, STRATEGIES)
+    got = {s: [a["id"] for a in ans] for s, ans in answers.items()}
     served = [i for ids in got.values() for i in ids]
     assert all(len(ids) == 2 for ids in got.values()), got
     assert len(set(served)) == N == len(served)  # 8 requests at once, 8 different scans

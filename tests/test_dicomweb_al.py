@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from lib.imaging.metadata import read_metadata
 from lib.model.model_store import model_path
 from orthanc import Orthanc, require_orthanc
 from pants_tools.phantom import write_pants_tree
-from al_fixtures import AL_YAML, publish_random_model
+from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model
 from server import REPO, Server
 
 pytestmark = pytest.mark.server
@@ -100,21 +99,7 @@ def test_every_strategy_leases_distinct_series_to_concurrent_annotators(pacs: di
 
     server = pacs["server"]
     _wait_scored(server, model_version(model_path(pacs["model_dir"], "fast")))
-    got: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
-    errors: list[BaseException] = []
-
-    def annotator(strategy: str, k: int) -> None:
-        try:
-            got[strategy].append(MONAILabelClient(server.url, client_id=f"{strategy}-{k}").next_sample(strategy, {}))
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=annotator, args=(s, k)) for s in STRATEGIES for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    got = concurrent_next_samples(server.url, STRATEGIES)
     answers = [a for ans in got.values() for a in ans]
     assert all(len(a) == 2 for a in got.values()), got
     served = [a["id"] for a in answers]

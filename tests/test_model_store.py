@@ -4,7 +4,6 @@ by hand, atomic rollback that a loaded Segmenter picks up, refusals that leave e
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 

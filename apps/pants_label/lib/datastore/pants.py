@@ -164,7 +164,7 @@ class PanTSDatastore(IndexedStore):
             probe.unlink()
         except OSError as err:
             hint = (
-                f"the studies folder is not writable; pass --conf datastore_dir <a writable folder>"
+                "the studies folder is not writable; pass --conf datastore_dir <a writable folder>"
                 if not state_dir
                 else "choose a writable folder"
             )

@@ -28,13 +28,14 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.core.click_config import ClickConfig
-from lib.core.errors import bad_request, unprocessable
+from lib.core.errors import unprocessable
 from lib.core.identity import reader_of
 from lib.core.labelmap import LabelMap
 from lib.imaging.volume_cache import VolumeCache
-from lib.imaging.volume_io import Volume, load_volume, result_suffix, write_label_fast
+from lib.imaging.volume_io import Volume, load_volume, write_label_fast
 from lib.model.clicks import ClickModel
 from lib.model.segmenter import Segmenter
+from lib.infers.request_args import image_and_suffix
 from lib.infers.click_params import ClickRequest, check_click_params
 
 logger = logging.getLogger(__name__)
@@ -186,15 +187,7 @@ class PanTSClicks(InferTask):
     # ---- the request
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.perf_counter()
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise bad_request("image: a datastore image id or a file is required")
-        try:
-            suffix = result_suffix(request.get("result_extension"))
-        except ValueError as err:
-            raise bad_request(str(err)) from None
-        if str(request.get("result_dtype", "uint8")) != "uint8":
-            raise bad_request(f"result_dtype: only 'uint8' is produced (28 classes fit), got {request.get('result_dtype')!r}")
+        image, suffix = image_and_suffix(request)
         clicks = self.check_params({k: v for k, v in request.items() if k != "label" or v in self.labelmap.names})
         lat: dict[str, float] = {}
         with self._lock:

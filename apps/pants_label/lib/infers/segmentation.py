@@ -12,13 +12,14 @@ import numpy as np
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.core.errors import bad_request, unprocessable
+from lib.core.errors import unprocessable
 from lib.core.labelmap import LabelMap
+from lib.infers.request_args import image_and_suffix
 from lib.model.model_store import ModelStore
 from lib.model.pancreas_stage import SecondStage
 from lib.model.segmenter import Segmenter
 from lib.imaging.volume_cache import VolumeCache
-from lib.imaging.volume_io import load_volume, result_suffix, write_label
+from lib.imaging.volume_io import load_volume, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +99,7 @@ class PanTSSegmentation(InferTask):
     # ---- the request
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.perf_counter()
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise bad_request("image: a datastore image id or a file is required")
-        try:
-            suffix = result_suffix(request.get("result_extension"))
-        except ValueError as err:
-            raise bad_request(str(err)) from None
-        dtype = str(request.get("result_dtype", "uint8"))
-        if dtype != "uint8":
-            raise bad_request(f"result_dtype: only 'uint8' is produced (28 classes fit), got {dtype!r}")
+        image, suffix = image_and_suffix(request)
 
         t = time.perf_counter()
         try:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.server
 
 LM = load_labelmap()
 DEMO_MODEL = APP_DIR / "demo_model" / "segresnet_fast.pt"
+DEMO_STAGE2 = APP_DIR / "demo_model" / "segresnet_pancreas.pt"  # infer's pancreas stage (make serve copies both)
 # Adult size (370 x 370 x 400 mm, as the demo and the model's training phantoms) on a coarse grid.
 SHAPE, SPACING = (112, 112, 80), (3.3, 3.3, 5.0)
 LARGE = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta", "postcava")
@@ -43,6 +44,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
     model_dir = base / "model"
     model_dir.mkdir()
     shutil.copy(DEMO_MODEL, model_dir)
+    shutil.copy(DEMO_STAGE2, model_dir)
     server = Server(root, base / "server.log", conf={"model_dir": str(model_dir), "preset": "fast",
                                                     "hide_imported_labels": "true"})
     try:
@@ -60,11 +62,21 @@ def test_demo_model_is_small_and_says_it_is_a_phantom_model() -> None:
     assert card["test_dice"] == meta["test_dice"] and "train_cpu_s" in card
 
 
+def test_demo_pancreas_stage_is_small_and_says_it_is_a_phantom_model() -> None:
+    assert DEMO_STAGE2.stat().st_size <= 20 * 2**20
+    meta = read_meta(DEMO_STAGE2)
+    assert meta["phantom_model"] is True and "not for real CT" in meta["note"]
+    assert meta["labels"] == LM.names and meta["preset"] == "pancreas"
+    card = json.loads((DEMO_STAGE2.parent / "model_card_pancreas.json").read_text())
+    assert "train_cpu_s" in card and card["test_dice"] == meta["test_dice"]
+
+
 def test_info_shows_the_phantom_model_card(served) -> None:
     from monailabel.client import MONAILabelClient
 
     info = MONAILabelClient(served[0].url).info()
     assert info["models"]["segmentation"]["trained"] is True
+    assert info["models"]["segmentation"]["second_stage"]["ready"] is True
     card = info["model_card"]
     assert card["trained"] is True and card["phantom_model"] is True and "not for real CT" in card["note"]
 

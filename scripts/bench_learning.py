@@ -162,12 +162,12 @@ def test(weights: Path, cfg: SegmentationConfig, lm: LabelMap, preset: str, root
         rows.append({"case": case.name, "present": present, **d})
         scores.append(lesion_score_from_label(pred, vol.spacing, lm))
         truths.append(bool((truth == lid).any()))
-    per_class = {c.name: _mean([r[c.name] for r in rows if c.name in r["present"]]) for c in lm.classes}
+    per_class = {c.name: nan_free_mean([r[c.name] for r in rows if c.name in r["present"]]) for c in lm.classes}
     summary = {
-        "mean": _mean([r["mean"] for r in rows]),
-        "large_organs": _mean([per_class[n] for n in LARGE_ORGANS]),
-        "whole_pancreas": _mean([r["whole_pancreas"] for r in rows]),
-        "lesion": _mean([r[LESION_CLASS] for r, t in zip(rows, truths) if t]),
+        "mean": nan_free_mean([r["mean"] for r in rows]),
+        "large_organs": nan_free_mean([per_class[n] for n in LARGE_ORGANS]),
+        "whole_pancreas": nan_free_mean([r["whole_pancreas"] for r in rows]),
+        "lesion": nan_free_mean([r[LESION_CLASS] for r, t in zip(rows, truths) if t]),
         "lesion_auc": auc_score(scores, truths) if any(truths) and not all(truths) else math.nan,
         "test_scans": len(rows),
         "lesion_scans": int(sum(truths)),
@@ -198,7 +198,8 @@ def _rounded(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 4)
 
 
-def _mean(xs: list[float]) -> float:
+def nan_free_mean(xs: list[float]) -> float:
+    """Mean of the values that are not NaN (NaN when there are none)."""
     xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else math.nan
 

@@ -125,11 +125,11 @@ def evaluate(stage1: Segmenter, stage2: Segmenter, lm: LabelMap, root: Path, mar
     out = {}
     for name, rs in rows.items():
         out[name] = {
-            **{c: _mean([r[c] for r in rs if c in r["present"]]) for c in region},
-            "whole_pancreas": _mean([r["whole_pancreas"] for r in rs]),
-            "lesion": _mean([r[LESION_CLASS] for r, t in zip(rs, truths) if t]),
+            **{c: bench_learning.nan_free_mean([r[c] for r in rs if c in r["present"]]) for c in region},
+            "whole_pancreas": bench_learning.nan_free_mean([r["whole_pancreas"] for r in rs]),
+            "lesion": bench_learning.nan_free_mean([r[LESION_CLASS] for r, t in zip(rs, truths) if t]),
             "lesion_auc": auc_score(scores[name], truths) if any(truths) and not all(truths) else math.nan,
-            "mean": _mean([r["mean"] for r in rs]),
+            "mean": bench_learning.nan_free_mean([r["mean"] for r in rs]),
         }
     out["two_stage"]["stage2_s_per_scan"] = round(float(np.mean(seconds)), 2)
     return out
@@ -156,11 +156,6 @@ def save_model(weights: Path, args: argparse.Namespace, summary: dict) -> Path:
 
 def _rounded(d: dict) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else round(float(v), 4) for k, v in d.items()}
-
-
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(xs)) if xs else math.nan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,3 +55,25 @@ def concurrent_next_samples(url: str, strategies: tuple[str, ...], per_strategy:
     if errors:
         raise errors[0]
     return got
+
+
+def server_info(server) -> dict:
+    """``GET /info/`` of a test server (a ``server.Server``)."""
+    import json
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
+
+
+def wait_scored(server, version: str | None, timeout: float = 420) -> dict:
+    """Wait until background scoring is done with model ``version``; ``/info``'s active_learning."""
+    import time
+
+    deadline, al = time.time() + timeout, {}
+    while time.time() < deadline:
+        al = server_info(server)["active_learning"]
+        st = al.get("scoring", {})
+        if st.get("state") == "done" and st.get("model_version") == version:
+            return al
+        time.sleep(1)
+    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")

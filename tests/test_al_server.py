@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pytest
 from lib.model.model_store import model_path
 from pants_tools.phantom import write_pants_tree
 from lib.activelearning.scoring import INFO_KEY, model_version
-from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model
+from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model, server_info, wait_scored
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -39,35 +36,22 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
         server.stop()
 
 
-def _info(server: Server) -> dict:
-    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
-
-
-def _wait_scored(server: Server, version: str, timeout: float = 420) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        al = _info(server)["active_learning"]
-        st = al.get("scoring", {})
-        if st.get("state") == "done" and st.get("model_version") == version:
-            return al
-        time.sleep(1)
-    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
 
 
 def test_info_lists_strategies_and_scoring(app) -> None:
-    info = _info(app[0])
+    info = server_info(app[0])
     assert set(STRATEGIES) <= set(info["strategies"])
     assert list(info["strategies"])[0] == "hybrid"  # the default comes first
     assert "pants_uncertainty" in info["scoring"]
     assert "lease_minutes" in info["active_learning"]
 
 
-def test_background_scoring_at_start_puts_scores_in_image_info(app) -> None:
+def test_background_scoring_at_start_puts_scores_in_imageserver_info(app) -> None:
     from monailabel.client import MONAILabelClient
 
     server, root, model_dir = app
     v1 = model_version(model_path(model_dir, "fast"))
-    al = _wait_scored(server, v1)
+    al = wait_scored(server, v1)
     assert al["scored"] == N
     listing = MONAILabelClient(server.url).datastore()
     scores = listing["objects"]["PanTS_00000003"]["image"]["info"][INFO_KEY]
@@ -79,7 +63,7 @@ def test_concurrent_annotators_get_different_scans_from_every_strategy(app) -> N
 
     server = app[0]
     v1 = model_version(model_path(app[2], "fast"))
-    _wait_scored(server, v1)
+    wait_scored(server, v1)
     answers = concurrent_next_samples(server.url, STRATEGIES)
     got = {s: [a["id"] for a in ans] for s, ans in answers.items()}
     served = [i for ids in got.values() for i in ids]
@@ -87,7 +71,7 @@ def test_concurrent_annotators_get_different_scans_from_every_strategy(app) -> N
     assert len(set(served)) == N == len(served)  # 8 requests at once, 8 different scans
     # every scan is leased now: the next annotator gets an empty answer, not a duplicate
     assert MONAILabelClient(server.url, client_id="late").next_sample("hybrid", {}) == {}
-    assert _info(server)["active_learning"]["leases"] == N
+    assert server_info(server)["active_learning"]["leases"] == N
 
 
 def test_final_label_ends_lease_and_new_model_rescores(app, tmp_path: Path) -> None:
@@ -97,20 +81,20 @@ def test_final_label_ends_lease_and_new_model_rescores(app, tmp_path: Path) -> N
 
     server, root, model_dir = app
     client = MONAILabelClient(server.url, client_id="saver")
-    leases_before = _info(server)["active_learning"]["leases"]
+    leases_before = server_info(server)["active_learning"]["leases"]
     img = nib.load(root / "ImageTr" / "PanTS_00000001" / "ct.nii.gz")
     label = np.zeros(img.shape, np.uint8)
     label[8:14, 8:14, 5:9] = 14
     f = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image(label, img.affine), f)
     client.save_label("PanTS_00000001", str(f), tag="final")
-    assert _info(server)["active_learning"]["leases"] == max(leases_before - 1, 0)
+    assert server_info(server)["active_learning"]["leases"] == max(leases_before - 1, 0)
 
     # A newly published model is noticed and only the unlabelled scans are rescored with it.
     mp = model_path(model_dir, "fast")
     publish_random_model(mp, 1)
     v2 = model_version(mp)
-    _wait_scored(server, v2)
+    wait_scored(server, v2)
     objects = client.datastore()["objects"]
     versions = {i: o["image"]["info"][INFO_KEY]["model_version"] for i, o in objects.items()}
     assert versions["PanTS_00000001"] != v2  # labelled: not rescored

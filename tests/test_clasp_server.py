@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 from lib.activelearning.scoring import INFO_KEY, model_version
 from lib.model.model_store import model_path
 from pants_tools.phantom import write_pants_tree
-from al_fixtures import AL_YAML as BASE_AL_YAML, publish_random_model
+from al_fixtures import AL_YAML as BASE_AL_YAML, publish_random_model, server_info, wait_scored
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -41,27 +38,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
         server.stop()
 
 
-def _info(server: Server) -> dict:
-    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
-
-
-def _wait_scored(server: Server, version: str | None, timeout: float = 420) -> None:
-    deadline, al = time.time() + timeout, {}
-    while time.time() < deadline:
-        al = _info(server)["active_learning"]
-        st = al.get("scoring", {})
-        if st.get("state") == "done" and st.get("model_version") == version:
-            return
-        time.sleep(1)
-    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
-
-
 def test_concurrent_annotators_get_distinct_scans_from_clasp(app) -> None:
     from monailabel.client import MONAILabelClient
 
     server, model_dir = app
-    assert "clasp" in _info(server)["strategies"]
-    _wait_scored(server, model_version(model_path(model_dir, "fast")))
+    assert "clasp" in server_info(server)["strategies"]
+    wait_scored(server, model_version(model_path(model_dir, "fast")))
     got: list[dict] = []
     errors: list[BaseException] = []
 
@@ -83,6 +65,6 @@ def test_concurrent_annotators_get_distinct_scans_from_clasp(app) -> None:
     assert all(a["selected_by"].startswith("clasp:") for a in got), got
     assert any(a["selected_by"] != "clasp:overall" for a in got), got
     assert all(0 <= a["noise"] <= 1 for a in got)
-    assert _info(server)["active_learning"]["leases"] == CLIENTS
+    assert server_info(server)["active_learning"]["leases"] == CLIENTS
     info = MONAILabelClient(server.url).datastore()["objects"][served[0]]["image"]["info"][INFO_KEY]
     assert info["model_version"] == model_version(model_path(model_dir, "fast"))

@@ -5,11 +5,9 @@ leases, a final label that ends a lease, and a new model that rescores."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from lib.imaging.metadata import read_metadata
 from lib.model.model_store import model_path
 from orthanc import Orthanc, require_orthanc
 from pants_tools.phantom import write_pants_tree
-from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model
+from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model, server_info, wait_scored
 from server import REPO, Server
 
 pytestmark = pytest.mark.server
@@ -58,19 +56,6 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         orthanc.stop()
 
 
-def _info(server: Server) -> dict:
-    return json.loads(urllib.request.urlopen(f"{server.url}/info/", timeout=30).read())
-
-
-def _wait_scored(server: Server, version: str, timeout: float = 420) -> dict:
-    deadline, al = time.time() + timeout, {}
-    while time.time() < deadline:
-        al = _info(server)["active_learning"]
-        st = al.get("scoring", {})
-        if st.get("state") == "done" and st.get("model_version") == version:
-            return al
-        time.sleep(1)
-    raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
 
 
 def test_series_are_scored_in_the_background_with_metadata_from_dicom(pacs: dict) -> None:
@@ -78,7 +63,7 @@ def test_series_are_scored_in_the_background_with_metadata_from_dicom(pacs: dict
 
     server = pacs["server"]
     v1 = model_version(model_path(pacs["model_dir"], "fast"))
-    al = _wait_scored(server, v1)
+    al = wait_scored(server, v1)
     assert al["scored"] == N  # the series with PanTS masks is labelled: not scored
     meta = read_metadata(next(pacs["root"].glob("metadata.*")))
     objects = MONAILabelClient(server.url).datastore()["objects"]
@@ -98,7 +83,7 @@ def test_every_strategy_leases_distinct_series_to_concurrent_annotators(pacs: di
     from monailabel.client import MONAILabelClient
 
     server = pacs["server"]
-    _wait_scored(server, model_version(model_path(pacs["model_dir"], "fast")))
+    wait_scored(server, model_version(model_path(pacs["model_dir"], "fast")))
     got = concurrent_next_samples(server.url, STRATEGIES)
     answers = [a for ans in got.values() for a in ans]
     assert all(len(a) == 2 for a in got.values()), got
@@ -110,16 +95,16 @@ def test_every_strategy_leases_distinct_series_to_concurrent_annotators(pacs: di
     assert {a["selected_by"] for a in got["uncertainty"]} == {"uncertainty"}  # scores steered it
     assert all(a["selected_by"].startswith("clasp:") for a in got["clasp"]), got["clasp"]
     assert MONAILabelClient(server.url, client_id="late").next_sample("hybrid", {}) == {}
-    assert _info(server)["active_learning"]["leases"] == N
+    assert server_info(server)["active_learning"]["leases"] == N
 
 
 def test_restart_keeps_scores_and_leases(pacs: dict) -> None:
     from monailabel.client import MONAILabelClient
 
-    before = _info(pacs["server"])["active_learning"]
+    before = server_info(pacs["server"])["active_learning"]
     pacs["server"].stop()
     pacs["server"] = server = Server(pacs["orthanc"].dicomweb, pacs["base"] / "server2.log", conf=pacs["conf"])
-    after = _info(server)["active_learning"]
+    after = server_info(server)["active_learning"]
     assert after["leases"] == before["leases"] == N
     assert after["scored"] == before["scored"] == N
     assert MONAILabelClient(server.url, client_id="after-restart").next_sample("random", {}) == {}
@@ -138,7 +123,7 @@ def test_final_label_ends_lease_and_new_model_rescores(pacs: dict, tmp_path: Pat
     f = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image(label, img.affine), f)
     client.save_label(sid, str(f), tag="final")
-    assert _info(server)["active_learning"]["leases"] == N - 1
+    assert server_info(server)["active_learning"]["leases"] == N - 1
     # the annotation standard's checks ran on the save, as on a PanTS folder: one cube is no abdomen
     qa = client.datastore()["objects"][sid]["image"]["info"]["qa"]
     assert qa["label"] == "final v1" and qa["errors"] > 0 and "required" in " ".join(qa["failed"])
@@ -146,7 +131,7 @@ def test_final_label_ends_lease_and_new_model_rescores(pacs: dict, tmp_path: Pat
     mp = model_path(pacs["model_dir"], "fast")
     publish_random_model(mp, 1)
     v2 = model_version(mp)
-    _wait_scored(server, v2)
+    wait_scored(server, v2)
     objects = client.datastore()["objects"]
     versions = {i: o["image"]["info"].get(INFO_KEY, {}).get("model_version") for i, o in objects.items()}
     assert versions[sid] != v2  # labelled now: not rescored

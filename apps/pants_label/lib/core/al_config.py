@@ -8,8 +8,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lib.core.config_types import NonNegativeWeights
-from lib.core.config_errors import ConfigError, load_yaml_model
-from lib.core.labelmap import REPO_ROOT, LabelMap
+from lib.core.config_errors import load_yaml_model
+from lib.core.labelmap import REPO_ROOT, LabelMap, check_class_names
 
 DEFAULT_AL_CONFIG = REPO_ROOT / "configs" / "active_learning.yaml"
 
@@ -80,14 +80,10 @@ class ActiveLearningConfig(_Frozen):
     strategies: StrategyConfig = StrategyConfig()
 
     def check_labels(self, labelmap: LabelMap) -> "ActiveLearningConfig":
-        for key, names in (("scoring.class_weights", self.scoring.class_weights),
-                           ("strategies.clasp_class_weights", self.strategies.clasp_class_weights)):
-            unknown = sorted(set(names) - set(labelmap.names))
-            if unknown:
-                raise ConfigError(
-                    f"active_learning.yaml: {key}: unknown class names {unknown}; "
-                    f"known: {', '.join(labelmap.names)}"
-                )
+        check_class_names("active_learning.yaml", {
+            "scoring.class_weights": self.scoring.class_weights,
+            "strategies.clasp_class_weights": self.strategies.clasp_class_weights,
+        }, labelmap)
         return self
 
 

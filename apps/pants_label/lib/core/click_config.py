@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lib.core.config_errors import ConfigError, load_yaml_model
-from lib.core.labelmap import REPO_ROOT, LabelMap
+from lib.core.config_errors import load_yaml_model
+from lib.core.labelmap import REPO_ROOT, LabelMap, check_class_names
 
 DEFAULT_CLICK_CONFIG = REPO_ROOT / "configs" / "clicks.yaml"
 #: the group of every class that ``groups`` does not name
@@ -77,10 +77,10 @@ class ClickConfig(_Frozen):
 
     def check_labels(self, lm: LabelMap) -> "ClickConfig":
         """Every class named in the file exists in the label map (else ConfigError naming it)."""
-        named = [n for members in self.groups.values() for n in members] + list(self.training.class_weights)
-        unknown = sorted(set(named) - set(lm.names))
-        if unknown:
-            raise ConfigError(f"{DEFAULT_CLICK_CONFIG}: unknown class names {unknown}")
+        check_class_names(str(DEFAULT_CLICK_CONFIG), {
+            "groups": [n for members in self.groups.values() for n in members],
+            "training.class_weights": self.training.class_weights,
+        }, lm)
         return self
 
 

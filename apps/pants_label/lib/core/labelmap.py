@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -171,4 +171,15 @@ def load_labelmap(path: str | Path = DEFAULT_LABELMAP) -> LabelMap:
     return load_yaml_model(Path(path), LabelMap)
 
 
-__all__ = ["LabelMap", "LabelClass", "Composite", "load_labelmap", "DEFAULT_LABELMAP", "REPO_ROOT"]
+def check_class_names(source: str, used: dict[str, Iterable[str]], labelmap: LabelMap) -> None:
+    """Every class a config file names exists in the label map; else a ConfigError naming the
+    file, the key and the unknown names (the config loaders stop the server with it)."""
+    from lib.core.config_errors import ConfigError
+
+    for key, names in used.items():
+        unknown = sorted(set(names) - set(labelmap.names))
+        if unknown:
+            raise ConfigError(f"{source}: {key}: unknown class names {unknown}; known: {', '.join(labelmap.names)}")
+
+
+__all__ = ["LabelMap", "LabelClass", "Composite", "check_class_names", "load_labelmap", "DEFAULT_LABELMAP", "REPO_ROOT"]

@@ -8,8 +8,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lib.core.config_types import PositiveCounts
-from lib.core.config_errors import ConfigError, load_yaml_model
-from lib.core.labelmap import REPO_ROOT, LabelMap
+from lib.core.config_errors import load_yaml_model
+from lib.core.labelmap import REPO_ROOT, LabelMap, check_class_names
 
 DEFAULT_REVIEW_CONFIG = REPO_ROOT / "configs" / "review.yaml"
 
@@ -60,10 +60,7 @@ class ReviewConfig(_Frozen):
             "qa.volume_ml": set(self.qa.volume_ml),
             "qa.required": set(self.qa.required),
         }
-        for key, names in used.items():
-            unknown = sorted(names - set(labelmap.names))
-            if unknown:
-                raise ConfigError(f"{source}: {key}: unknown class names {unknown}; known: {', '.join(labelmap.names)}")
+        check_class_names(source, used, labelmap)
         return self
 
 

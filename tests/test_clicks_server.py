@@ -98,6 +98,15 @@ def _centre(mask: np.ndarray) -> list[int]:
     return [int(v) for v in idx[np.argmin(((idx - idx.mean(axis=0)) ** 2).sum(axis=1))]]
 
 
+def _missed_lesion(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(the lesion mask, a label map where the model took the lesion for pancreas head, a click at
+    the lesion's centre)."""
+    lesion = truth == LESION
+    missed = truth.copy()
+    missed[lesion] = HEAD
+    return lesion, missed, _centre(lesion)
+
+
 def _window_bound() -> np.ndarray:
     """Most scan voxels a window may span per axis (window_max at spacing_mm, plus rounding)."""
     return np.ceil(CFG.window_max * CFG.spacing_mm / np.array(SPACING)).astype(int) + 1
@@ -112,10 +121,7 @@ def test_info_lists_the_click_model_as_deepedit(client) -> None:
 
 def test_click_on_missed_lesion_adds_lesion_near_it_and_nothing_far(app, client, tmp_path: Path) -> None:
     truth, affine = app[2], app[3]
-    lesion = truth == LESION
-    missed = truth.copy()
-    missed[lesion] = HEAD  # the model took the lesion for pancreas head
-    click = _centre(lesion)
+    lesion, missed, click = _missed_lesion(truth)
     got, res = _click(client, {"pancreatic_lesion": [click]}, _label_file(tmp_path / "cur.nii.gz", missed, affine))
 
     assert got.shape == truth.shape and got.dtype == np.uint8
@@ -163,10 +169,7 @@ def test_clicks_build_on_the_previous_answer(app, client, tmp_path: Path) -> Non
     """Clients send every click again: the second request starts from the first answer and
     recomputes only what its new click changed."""
     truth, affine = app[2], app[3]
-    lesion = truth == LESION
-    missed = truth.copy()
-    missed[lesion] = HEAD
-    click = _centre(lesion)
+    lesion, missed, click = _missed_lesion(truth)
     first, _ = _click(client, {"pancreatic_lesion": [click], "reset_state": True},
                       _label_file(tmp_path / "cur.nii.gz", missed, affine))
     # no label part now: the server's state is the first answer
@@ -194,10 +197,7 @@ def test_each_reader_builds_on_their_own_clicks(app, tmp_path: Path) -> None:
     server, root, truth, affine = app
     a = MONAILabelClient(server.url, tmpdir=str(root), client_id="reader-a")
     b = MONAILabelClient(server.url, tmpdir=str(root), client_id="reader-b")
-    lesion = truth == LESION
-    missed = truth.copy()
-    missed[lesion] = HEAD
-    click = _centre(lesion)
+    lesion, missed, click = _missed_lesion(truth)
     _, res = _click(a, {"pancreatic_lesion": [click], "reset_state": True},
                     _label_file(tmp_path / "a.nii.gz", missed, affine))
     assert res["current_label"] == "client"

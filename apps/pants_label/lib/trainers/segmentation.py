@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.model.checkpoint import Checkpoint
+from lib.model.engine import Engine, plain_state, publishable
 from lib.model.metrics import evaluate_case, mean_dice
 from lib.model.model_card import code_version, device_description, per_class, training_scans
 from lib.model.model_store import ModelStore, model_path, read_json, write_json_atomic
@@ -48,6 +49,7 @@ from lib.model.training import (
     build_cache as build_case_cache,
     CropSampler,
     PrefetchSampler,
+    auto_cache_workers,
     ce_class_weights,
     class_weights,
     dice_ce_loss,
@@ -157,7 +159,7 @@ class PanTSTrain(TrainTask):
         stats = self.start_stats(opts, device, world)
         try:
             plan = self.plan(opts, datastore, device, world, stats)
-            build_cache(plan, _auto_workers(opts, len(plan.train) + len(plan.val)))
+            build_cache(plan, auto_cache_workers(opts.cache_workers, len(plan.train) + len(plan.val)))
             self._write(plan.stats)
             if world > 1:
                 port = _free_port()
@@ -259,11 +261,6 @@ def build_cache(plan: FitPlan, workers: int, rank: int = 0, world: int = 1) -> N
     plan.stats.update(cache_s=round(time.time() - t0, 2), cache_built=built, cache_workers=workers)
 
 
-def _auto_workers(opts: TrainRequest, cases: int) -> int:
-    """Cache workers: as asked, else up to 8 processes (only when there are enough scans to share)."""
-    if opts.cache_workers:
-        return opts.cache_workers
-    return 1 if cases < 16 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 # ---- the training loop (one process, or one DDP rank) -----------------------------------------
@@ -343,8 +340,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))
     iters = max(1, math.ceil(iters / world))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.max_epochs * iters)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    engine = Engine(net, optim, sched, device, memory_format, model)
+    loss_fn = lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight)  # noqa: E731
 
     best_metric, best_state, best_epoch = -1.0, None, 0
     n_iter, val_s, prior_s = 0, 0.0, 0.0
@@ -353,9 +350,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
         if lead and current and val:
             baseline = validate(_published_net(plan, device, memory_format), val, plan, device)
     else:
-        optim.load_state_dict(saved["optim"])
-        sched.load_state_dict(saved["sched"])
-        scaler.load_state_dict(saved["scaler"])
+        engine.load_state_dict(saved)
         baseline, best_metric, best_epoch = saved["baseline"], saved["best_metric"], saved["best_epoch"]
         best_state, n_iter, val_s, prior_s = saved["best_state"], saved["n_iter"], saved["val_s"], saved["train_s"]
         stats.update({k: v for k, v in saved["stats"].items() if k not in ("status", "processes", "device")})
@@ -365,32 +360,18 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                  iterations_per_epoch=iters, patch=list(patch), batch_size=opts.batch_size * world)
     write()
     t_train, t_written = time.time() - prior_s, time.time()  # train time counts the killed run's epochs too
-    t_step = time.time()  # end of the previous step (validation is not part of a step)
+    engine.timing.restart()
     total_iters = opts.max_epochs * iters
     batches = PrefetchSampler(sampler, opts.batch_size, pin_memory=device.type == "cuda")
     try:
         for epoch in range(start, opts.max_epochs + 1):
-            model.train()
             t_epoch = time.time()
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
             for i in range(iters):
                 x, y = batches.next()
-                x = x.to(device, non_blocking=True, memory_format=memory_format)
-                y = y.to(device, non_blocking=True)
-                optim.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=use_amp):
-                    loss = dice_ce_loss(model(x), y, ce_weight=ce_weight)
-                scaler.scale(loss).backward()
-                scaler.step(optim)
-                scaler.update()
-                sched.step()
-                loss_sum += loss.detach()
+                loss_sum += engine.step(x, y, loss_fn)
                 n_iter += 1
-                t_step, step_s = time.time(), time.time() - t_step
-                if "first_iteration_s" not in stats:
-                    stats["first_iteration_s"] = round(step_s, 3)
-                else:  # the least disturbed step: what the loop costs on a busy machine
-                    stats["fastest_iteration_s"] = round(min(step_s, stats.get("fastest_iteration_s", step_s)), 3)
+                stats.update(engine.timing.stats())
                 if lead and time.time() - t_written > _STATS_EVERY_S:
                     stats.update(epoch=epoch - 1, progress=round(n_iter / total_iters, 4),
                                  loss=round(float(loss_sum) / (i + 1), 4))
@@ -408,19 +389,18 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                     metric = validate(net, val, plan, device)
                     if metric >= best_metric:
                         best_metric, best_epoch = metric, epoch
-                        best_state = _plain_state(net)
+                        best_state = plain_state(net)
                     stats.update(best_metric=round(best_metric, 4), best_epoch=best_epoch, val_metric=round(metric, 4))
                 elif not val:
-                    best_state, best_epoch = _plain_state(net), epoch
+                    best_state, best_epoch = plain_state(net), epoch
                 val_s += time.time() - t_val
                 stats.update(val_time_s=round(val_s, 3))
                 checkpoint.save({
-                    "epoch": epoch, "net": _plain_state(net), "optim": optim.state_dict(), "sched": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "baseline": baseline, "best_metric": best_metric,
+                    "epoch": epoch, "net": plain_state(net), **engine.state_dict(), "baseline": baseline, "best_metric": best_metric,
                     "best_epoch": best_epoch, "best_state": best_state, "n_iter": n_iter, "val_s": val_s,
                     "train_s": time.time() - t_train, "stats": json.loads(json.dumps(stats, default=str)),
                 })
-                t_step = time.time()
+                engine.timing.restart()
                 write()
                 t_written = time.time()
                 left = (time.time() - t_train) / max(1, epoch - start + 1) * (opts.max_epochs - epoch)
@@ -431,10 +411,10 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     if not lead:
         return {}
 
-    publishable = best_state is not None and (baseline is None or (bool(val) and best_metric >= baseline))
+    publish = best_state is not None and publishable(best_metric if val else None, baseline)
     train_time = time.time() - t_train
     version = None
-    if publishable:
+    if publish:
         meta = {
             "labels": plan.labelmap.names,
             "preset": plan.preset_name,
@@ -466,7 +446,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     else:
         logger.info(f"kept the current model: new {best_metric:.4f} < current {baseline}")
     checkpoint.remove()
-    stats.update(published=bool(publishable), version=version, best_metric=round(best_metric, 4) if val else None,
+    stats.update(published=bool(publish), version=version, best_metric=round(best_metric, 4) if val else None,
                  train_time_s=round(train_time, 2))
     write()
     return stats
@@ -505,11 +485,6 @@ def _published_net(plan: FitPlan, device: torch.device, memory_format: torch.mem
 def _memory_format(cfg: SegmentationConfig, device: torch.device) -> torch.memory_format:
     """``channels_last_3d`` where presets.yaml asks for it (on the CPU, 3-D convolutions run faster)."""
     return torch.channels_last_3d if cfg.training.channels_last_3d else torch.contiguous_format
-
-
-def _plain_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights in the default memory format (what infer loads)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
 
 
 def validate(net: torch.nn.Module, cases: list[CachedCase], plan: FitPlan, device: torch.device) -> float:

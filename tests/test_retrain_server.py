@@ -2,7 +2,8 @@
 
 With ``--conf auto_train_after 2`` the second new ``final`` label starts training by itself
 (MONAI Label's own background train task); two more labels saved while that run is going queue
-exactly one more run, which starts when the first ends.
+exactly one more run, which starts when the first ends. Each run retrains the click model after the
+segmentation model (``auto_train_clicks``, with ``click_train_steps 2`` to stay short).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
     root = base / "PanTS"
     ids = write_pants_tree(root, 5, shape=SHAPE, spacing=SPACING, seed=7)
     model_dir = base / "model"
+    # each automatic run of the segmentation model is followed by a short one of the click model
     conf = {"model_dir": str(model_dir), "preset": "fast", "auto_train_after": "2", "train_max_epochs": "1",
-            "auto_train_clicks": "false"}  # the click model's chained run: tests/test_app_server.py trains it
+            "auto_train_clicks": "true", "click_train_steps": "2"}
     server = Server(root, base / "server.log", conf=conf)
     try:
         yield server, root, model_dir, ids
@@ -109,3 +111,13 @@ def test_nth_final_label_starts_training_and_triggers_during_a_run_queue_one_mor
         tasks = json.loads(r.read())
     auto_runs = [t for t in tasks if str(t["request"].get("trigger", "")).startswith("auto:")]
     assert len(auto_runs) == 2 and all(t["status"] == "DONE" for t in auto_runs), tasks
+    # The click model was retrained after each, on the same labels: the first chained run had no
+    # click weights to beat, so it published a version that the deepedit model now serves.
+    clicks = client.info()["train_stats"]["deepedit"]
+    assert clicks["status"] == "DONE" and clicks["trigger"] == "auto: 2 new final labels", clicks
+    assert clicks["steps"] == 2 and clicks["train_size"] + clicks["val_size"] == 5
+    assert (model_dir / "versions" / "clicks" / "v1" / "card.json").exists()
+    card = json.loads((model_dir / "versions" / "clicks" / "v1" / "card.json").read_text())
+    assert card["trigger"] == "auto: 2 new final labels" and card["baseline"]["val_metric"] is None
+    served = client.info()["models"]["deepedit"]
+    assert served["trained"] is True and served["model_version"] in {"v1", "v2"}

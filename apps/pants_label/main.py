@@ -161,8 +161,8 @@ class PanTSLabelApp(MONAILabelApp):
             ),
             # the click model learns on the same labels; its clicks correct the served segmentation
             CLICK_MODEL: PanTSClickTrain(
-                self.click_config, self.seg_config, self.labelmap, self.click_models,
-                Segmenter(self.seg_config, self.labelmap, self.preset, model_path(self.model_dir, self.preset), "cpu"),
+                self.click_config, self.seg_config, self.labelmap, self.click_models, self.preset,
+                model_path(self.model_dir, self.preset), self.device, steps=self.settings.click_train_steps,
             ),
         }
 

@@ -214,6 +214,7 @@ class AppSettings(_Frozen):
     auto_train_after: int = Field(10, ge=0, description="start training after this many new final labels; 0 = off")
     auto_train_clicks: bool = Field(True, description="an automatic retrain of the segmentation model also retrains the click model (deepedit)")
     train_max_epochs: int | None = Field(None, ge=1, description="epochs per run; default presets.yaml training.max_epochs")
+    click_train_steps: int | None = Field(None, ge=1, le=1_000_000, description="steps per run of the click model (deepedit); default clicks.yaml training.steps")
     max_upload_mb: int = Field(1024, ge=1)
     infer_workers: int = Field(1, ge=1, le=16, description="inferences run at once (each on its own thread)")
     infer_queue: int = Field(32, ge=0, le=10000, description="inferences waiting beyond those; more get 503 busy")

@@ -19,22 +19,28 @@ the canonical orientation (:class:`lib.model.clicks.Orienter`).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from lib.core.atomic import staged_dir
 from lib.core.click_config import ClickConfig
 from lib.core.labelmap import LabelMap
 from lib.core.settings import SegmentationConfig
-from lib.imaging.volume_io import Volume, reorientation
+from lib.imaging.volume_io import Volume, load_volume, reorientation
+from lib.model.checkpoint import Checkpoint
 from lib.model.clicks import Orienter, Window, heat_map, merge_window, simulate_click
+from lib.model.engine import Engine, plain_state
 from lib.model.pancreas_stage import region_box
-from lib.model.segmenter import normalize_hu, resample_image, resample_label, target_shape
+from lib.model.segmenter import Segmenter, normalize_hu, resample_image, resample_label, target_shape
+from lib.model.training import cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,69 @@ def prepare_case(vol: Volume, label: np.ndarray, start: np.ndarray | None, lm: L
         lab = np.pad(lab, pad)
         st = np.pad(st, pad) if st is not None else None
     return ClickCase(image, lab, st, Orienter(reorientation(vol.affine, seg_cfg.preprocessing.orientation)))
+
+
+class ClickCaseCache:
+    """Click cases on disk, memory-mapped while training (the segmentation trainer's
+    :class:`lib.model.training.CaseCache` for the click grid), built by the same
+    :func:`lib.model.training.build_cache`.
+
+    A case's start label is the served segmentation model's answer, so the weights file is part of
+    an entry's identity: a new segmentation version makes new entries, the same one reuses them.
+    Scans with no pancreas region to click in are remembered as such.
+    """
+
+    def __init__(self, root: Path, cfg: ClickConfig, seg_cfg: SegmentationConfig, labelmap: LabelMap,
+                 seg_preset: str, seg_model: Path) -> None:
+        self.root = Path(root)
+        self.cfg, self.seg_cfg, self.labelmap = cfg, seg_cfg, labelmap
+        self.seg_preset, self.seg_model = seg_preset, Path(seg_model)
+        self._segmenter: Segmenter | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to cache workers without the loaded network
+        return {**self.__dict__, "_segmenter": None}
+
+    def _folder(self, image: str, label: str) -> Path:
+        settings = [self.cfg.model_dump_json(), self.seg_cfg.preprocessing.model_dump_json(), self.seg_preset]
+        model = self.seg_model if self.seg_model.exists() else None
+        return self.root / cache_key(settings, [image, label, model])
+
+    def has(self, image: str, label: str) -> bool:
+        return (self._folder(image, label) / "done").exists()
+
+    def get(self, image_id: str, image: str, label: str) -> ClickCase | None:
+        folder = self._folder(image, label)
+        if not (folder / "done").exists():
+            self._build(folder, image, label)
+        if json.loads((folder / "done").read_text()).get("empty"):
+            return None
+        start = folder / "start.npy"
+        affine = np.load(folder / "affine.npy")
+        return ClickCase(np.load(folder / "image.npy", mmap_mode="r"), np.load(folder / "label.npy", mmap_mode="r"),
+                         np.load(start, mmap_mode="r") if start.exists() else None,
+                         Orienter(reorientation(affine, self.seg_cfg.preprocessing.orientation)))
+
+    def _start_label(self, vol: Volume) -> np.ndarray | None:
+        if not self.seg_model.exists():
+            return None
+        if self._segmenter is None:
+            self._segmenter = Segmenter(self.seg_cfg, self.labelmap, self.seg_preset, self.seg_model, "cpu")
+        return self._segmenter.segment(vol)[0]
+
+    def _build(self, folder: Path, image: str, label: str) -> None:
+        vol = load_volume(image)
+        lab = np.asarray(load_volume(label, dtype=np.uint8).array)
+        if lab.shape != vol.array.shape:
+            raise ValueError(f"{label}: label shape {lab.shape} differs from image {vol.array.shape}")
+        case = prepare_case(vol, lab, self._start_label(vol), self.labelmap, self.seg_cfg, self.cfg)
+        with staged_dir(folder) as tmp:  # another process may build it first: then its copy is kept
+            if case is not None:
+                np.save(tmp / "image.npy", case.image.astype(np.float32))
+                np.save(tmp / "label.npy", case.label.astype(np.uint8))
+                if case.start is not None:
+                    np.save(tmp / "start.npy", case.start.astype(np.uint8))
+                np.save(tmp / "affine.npy", np.asarray(vol.affine, dtype=np.float64))
+            (tmp / "done").write_text(json.dumps({"image": image, "label": label, "empty": case is None}))
 
 
 def corrupt(mask: np.ndarray, rng: np.random.Generator, cfg: ClickConfig) -> np.ndarray:
@@ -152,7 +221,7 @@ def make_sample(case: ClickCase, lm: LabelMap, cfg: ClickConfig, rng: np.random.
     for _ in range(rounds):
         x = _input(case, cur, cls, group, pos, neg, window, cfg)
         with torch.no_grad():
-            logits = net(x[None])[0, 0]
+            logits = net(x[None].to(next(net.parameters()).device))[0, 0].float().cpu()
         mask = (case.orient.from_canonical(logits) > 0).numpy()
         cur[window.box] = merge_window(cur[window.box], cls, mask, pos, neg, window.start)
         nxt = simulate_click(truth, cur == cls, exclude=outside)
@@ -179,29 +248,45 @@ __all__ = ["ClickCase", "corrupt", "dice_bce", "make_sample", "prepare_case"]
 
 
 def fit_clicks(cases: Sequence[ClickCase], lm: LabelMap, cfg: ClickConfig, steps: int, seed: int = 0,
-               state: dict[str, torch.Tensor] | None = None, progress: bool = False,
-               log_every: int = 50) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train the click network for ``steps`` batches; returns its weights and the loss per step.
+               state: dict[str, torch.Tensor] | None = None, progress: bool = False, log_every: int = 50,
+               device: str = "cpu", checkpoint: Checkpoint | None = None, checkpoint_every: int = 50,
+               on_step: Callable[[int, list[float], dict[str, float]], None] | None = None,
+               ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train the click network for ``steps`` batches on the shared :class:`lib.model.engine.Engine`;
+    returns its weights and the loss per step.
 
     ``state``: weights to start from (the served click model); else from scratch with ``seed``.
+    ``checkpoint``: every ``checkpoint_every`` steps the run's state is saved there, and a run that
+    finds one goes on from it (drawing its samples from a new seed, as the segmentation trainer
+    does). ``on_step(step, losses, timing)`` is called after each step.
     """
     from lib.model.clicks import build_click_network
 
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     net = build_click_network(cfg)
     if state is not None:
         net.load_state_dict(state)
+    dev = torch.device(device)
+    net.to(dev)
     t = cfg.training
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.learning_rate, total_steps=max(steps, 1), pct_start=0.1)
-    losses: list[float] = []
+    engine = Engine(net, opt, sched, dev)
+    first, losses = 0, []
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+        engine.load_state_dict(saved)
+        first, losses = int(saved["step"]), [float(v) for v in saved["losses"]]
+        logger.info(f"click model: resuming at step {first}/{steps} ({checkpoint.path})")  # type: ignore[union-attr]
+    rng = np.random.default_rng(seed + 1000 * first)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc="click model", unit="step")
-    for step in range(steps):
+        bar = tqdm(total=steps, initial=first, desc="click model", unit="step")
+    engine.timing.restart()
+    for step in range(first, steps):
         net.eval()  # the simulated rounds run the network as it is now
         batch = []
         while len(batch) < t.batch_size:
@@ -210,13 +295,13 @@ def fit_clicks(cases: Sequence[ClickCase], lm: LabelMap, cfg: ClickConfig, steps
                 batch.append(s)
         x = torch.stack([b[0] for b in batch])
         y = torch.stack([b[1] for b in batch])
-        net.train()
-        loss = dice_bce(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
+        losses.append(float(engine.step(x, y, dice_bce)))
+        done = step + 1
+        if checkpoint is not None and done % checkpoint_every == 0 and done < steps:
+            checkpoint.save({"step": done, "net": plain_state(net), **engine.state_dict(), "losses": losses})
+            engine.timing.restart()
+        if on_step is not None:
+            on_step(done, losses, engine.timing.stats())
         if bar is not None:
             bar.update(1)
             if step % 10 == 0:
@@ -225,7 +310,7 @@ def fit_clicks(cases: Sequence[ClickCase], lm: LabelMap, cfg: ClickConfig, steps
             logger.info(f"click model step {step}/{steps}: loss {np.mean(losses[-log_every:]):.4f}")
     if bar is not None:
         bar.close()
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}, losses
+    return engine.weights(), losses
 
 
-__all__ += ["fit_clicks"]
+__all__ += ["ClickCaseCache", "fit_clicks"]

@@ -40,13 +40,22 @@ class CachedCase:
     centres: dict[int, np.ndarray]  # class id -> (n, 3) voxel coordinates
 
 
-def _key(image: str, label: str, preset: Preset, cfg: SegmentationConfig) -> str:
-    # the input map is part of the key: a cache made under another HU map would train the wrong input
-    parts = [preset.model_dump_json(), cfg.preprocessing.model_dump_json()]
-    for p in (image, label):
+def cache_key(settings: Sequence[str], files: Sequence[str | Path | None]) -> str:
+    """A cache entry's name: the settings that shaped it and the identity (path, size, mtime) of the
+    files it was made from; a changed file or setting makes a new entry. ``None``: no such file."""
+    parts = list(settings)
+    for p in files:
+        if p is None or not os.path.exists(p):
+            parts.append("-")
+            continue
         st = os.stat(p)
         parts.append(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _key(image: str, label: str, preset: Preset, cfg: SegmentationConfig) -> str:
+    # the input map is part of the key: a cache made under another HU map would train the wrong input
+    return cache_key([preset.model_dump_json(), cfg.preprocessing.model_dump_json()], [image, label])
 
 
 class CaseCache:
@@ -332,14 +341,24 @@ def meta_centers(datastore: Any, image_ids: Sequence[str]) -> dict[str, str | No
 # ---- building the cache in parallel ------------------------------------------------------------
 
 
-def _build_one(cache: CaseCache, item: tuple[str, str, str]) -> str:
+def auto_cache_workers(requested: int, cases: int) -> int:
+    """Cache workers: as asked, else up to 8 processes (only when there are enough scans to share)."""
+    if requested:
+        return requested
+    return 1 if cases < 16 else max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _build_one(cache: Any, item: tuple[str, str, str]) -> str:
     cache.get(*item)
     return item[0]
 
 
-def build_cache(cache: CaseCache, items: Sequence[tuple[str, str, str]], workers: int = 1,
+def build_cache(cache: Any, items: Sequence[tuple[str, str, str]], workers: int = 1,
                 progress: Any = None) -> int:
     """Preprocess every ``(image id, image file, label file)`` into ``cache`` (those not there yet).
+
+    ``cache``: any cache with ``has(image, label)`` and ``get(image id, image, label)``, picklable
+    (:class:`CaseCache`, :class:`lib.model.click_training.ClickCaseCache`).
 
     ``workers`` > 1 spreads the scans over that many processes (a fresh interpreter each, safe in
     a threaded server subprocess); each writes its scans to disk itself, so nothing accumulates in

@@ -1,17 +1,28 @@
 """MONAI Label train task ``deepedit``: the click model, retrained from the labelled scans.
 
-The same data as the segmentation model's train task (a reader's ``final`` over the imported PanTS
-masks, :meth:`Datastore.datalist`), the same fixed center-stratified validation split
-(:func:`lib.model.training.split_train_val`), the same model store and publish rule: a run starts
-from the served click weights, trains with simulated clicks (:func:`lib.model.click_training.fit_clicks`,
-DeepEdit style), and publishes a new version only when it beats the served weights on the held-out
-scans. The score is the Dice of the answer to simulated clicks on ``val_samples`` windows drawn with
-a fixed seed (each network runs its own simulated rounds, as in use).
+What it shares with the segmentation model's train task:
+
+* the data: a reader's ``final`` over the imported PanTS masks (:meth:`Datastore.datalist`), split
+  by the same fixed, center-stratified rule (:func:`lib.model.training.split_train_val`);
+* the disk cache, built by the same parallel builder (:class:`lib.model.click_training.ClickCaseCache`,
+  :func:`lib.model.training.build_cache`): a second run on the same labels and segmentation model
+  prepares nothing again;
+* the optimisation step (:class:`lib.model.engine.Engine`: device, mixed precision on a GPU, timing),
+  checkpoints that let a killed run go on, progress in ``/info``;
+* the model store, versions and cards, and the publish rule (:func:`lib.model.engine.publishable`):
+  a run starts from the served click weights and publishes only when nothing is served yet or it
+  scores at least as well on the held-out scans.
+
+The score is the Dice of the answer to simulated clicks on ``val_samples`` windows drawn with a
+fixed seed (each network runs its own simulated rounds, as in use).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +37,16 @@ from lib.core.click_config import ClickConfig
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.core.settings import SegmentationConfig
-from lib.imaging.volume_io import load_volume
-from lib.model.click_training import ClickCase, fit_clicks, make_sample, prepare_case
+from lib.model.checkpoint import Checkpoint
+from lib.model.click_training import ClickCase, ClickCaseCache, fit_clicks, make_sample
 from lib.model.clicks import build_click_network
+from lib.model.engine import publishable
 from lib.model.model_card import code_version, device_description
 from lib.model.model_store import ModelStore, read_json, write_json_atomic
-from lib.model.segmenter import Segmenter
-from lib.model.training import meta_centers, split_train_val
+from lib.model.training import auto_cache_workers, build_cache, meta_centers, split_train_val
+
+#: seconds between progress writes (``/info`` train_stats)
+_STATS_EVERY_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +59,7 @@ class ClickTrainRequest(BaseModel):
     steps: int = Field(ge=1, le=1_000_000)
     max_scans: int = Field(ge=2, le=100_000)
     from_scratch: bool = False
+    cache_workers: int = Field(0, ge=0, le=256)  # processes preparing scans into the cache; 0 = auto
     trigger: str = "on demand"
 
 
@@ -53,16 +68,22 @@ class PanTSClickTrain(TrainTask):
     request_model = ClickTrainRequest
 
     def __init__(self, cfg: ClickConfig, seg_cfg: SegmentationConfig, labelmap: LabelMap, store: ModelStore,
-                 segmenter: Segmenter | None = None, device: str = "cpu") -> None:
+                 seg_preset: str | None = None, seg_model: Path | None = None, device: str = "cpu",
+                 steps: int | None = None) -> None:
+        """``seg_preset``/``seg_model``: the served segmentation model, whose answers are the start
+        labels that clicks correct (none: the truth, corrupted). ``steps``: per run, else clicks.yaml's."""
         super().__init__("Train the click model (deepedit) with simulated clicks on the labelled scans")
         self.cfg, self.seg_cfg, self.labelmap, self.store = cfg, seg_cfg, labelmap, store
-        self.segmenter = segmenter  # the served segmentation model: the start labels clicks correct
-        self.device = device
+        self.seg_preset = seg_preset or "fast"
+        self.seg_model = Path(seg_model) if seg_model is not None else store.root / "no-segmentation-model"
+        self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+        self.steps = steps or cfg.training.steps
         self.stats_path = store.root / f"train_stats_{store.preset}.json"
+        self.cache = ClickCaseCache(store.root / ".cache" / store.preset, cfg, seg_cfg, labelmap, self.seg_preset,
+                                    self.seg_model)
 
     def config(self) -> dict[str, Any]:
-        t = self.cfg.training
-        return {"steps": t.steps, "max_scans": t.max_scans, "from_scratch": False}
+        return {"steps": self.steps, "max_scans": self.cfg.training.max_scans, "from_scratch": False}
 
     def stats(self) -> dict[str, Any]:
         return read_json(self.stats_path, default={}) or {}
@@ -99,46 +120,73 @@ class PanTSClickTrain(TrainTask):
             train_ids = sorted(rng.choice(train_ids, opts.max_scans, replace=False).tolist())
         self.store.adopt_serving()
         parent = self.store.serving_version()
-        stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent)
+        stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent,
+                     device=self.device)
         self._write(stats)
 
-        train = [c for c in (self._case(pairs[i]) for i in train_ids) if c is not None]
-        val = [c for c in (self._case(pairs[i]) for i in val_ids) if c is not None]
+        triple = lambda i: (i, pairs[i]["image"], pairs[i]["label"])  # noqa: E731
+        t_cache = time.time()
+        items = [triple(i) for i in train_ids + val_ids]
+        built = build_cache(self.cache, items, auto_cache_workers(opts.cache_workers, len(items)))
+        stats.update(cache_s=round(time.time() - t_cache, 2), cache_built=built)
+        train = [c for c in (self.cache.get(*triple(i)) for i in train_ids) if c is not None]
+        val = [c for c in (self.cache.get(*triple(i)) for i in val_ids) if c is not None]
         if not train or not val:
             raise ValueError("no labelled scan holds a pancreas region to click in (training and validation need one each)")
         served = self._served_state()
         start = None if opts.from_scratch or served is None else served
-        state, losses = fit_clicks(train, self.labelmap, self.cfg, opts.steps, t.seed, state=start)
+        checkpoint = self._checkpoint(opts, pairs, train_ids, val_ids)
+        written = [time.time()]
+
+        def on_step(step: int, losses: list[float], timing: dict[str, float]) -> None:
+            if time.time() - written[0] > _STATS_EVERY_S or step == opts.steps:
+                stats.update(progress=round(0.95 * step / opts.steps, 4), step=step,
+                             loss=round(float(np.mean(losses[-50:])), 4), **timing)
+                self._write(stats)
+                written[0] = time.time()
+
+        state, losses = fit_clicks(train, self.labelmap, self.cfg, opts.steps, t.seed, state=start,
+                                   device=self.device, checkpoint=checkpoint, on_step=on_step)
         new_score = self.score(state, val)
-        baseline = self.score(served, val) if served is not None else self.score(None, val)
+        baseline = self.score(served, val) if served is not None else None
+        publish = publishable(new_score, baseline)
         result = {**stats, "loss": round(float(np.mean(losses[-50:])), 4), "val_metric": round(new_score, 4),
-                  "baseline_metric": round(baseline, 4), "steps": opts.steps}
-        if new_score <= baseline:
-            logger.info(f"click model: val {new_score:.4f} does not beat the served {baseline:.4f}: not published")
+                  "baseline_metric": None if baseline is None else round(baseline, 4), "steps": opts.steps}
+        checkpoint.remove()
+        if not publish:
+            logger.info(f"click model: val {new_score:.4f} is below the served {baseline:.4f}: not published")
             result["published"] = False
             return result
         card = {
             "preset": self.store.preset, "network": "ClickNet (SegResNet on 2x2x2 blocks)",
             "training_scans": {"count": len(train), "ids": train_ids[:50]}, "validation_scans": len(val),
             "val_metric": round(new_score, 4), "metric": "Dice after simulated clicks (held-out scans)",
-            "baseline": {"version": parent, "val_metric": round(baseline, 4)}, "parent": parent,
-            "initialised_from": None if start is None else parent, "trigger": opts.trigger, "steps": opts.steps,
-            "code_version": code_version(), "device": device_description("cpu", 1),
+            "baseline": {"version": parent, "val_metric": None if baseline is None else round(baseline, 4)},
+            "parent": parent, "initialised_from": None if start is None else parent, "trigger": opts.trigger,
+            "steps": opts.steps, "code_version": code_version(), "device": device_description(self.device, 1),
         }
         meta = {"labels": self.labelmap.names, "summary": f"click model: val Dice {new_score:.3f} on {len(val)} scans",
                 "click_config": self.cfg.model_dump(mode="json")}
         version = self.store.publish(state, meta, card)
-        logger.info(f"click model {version} published: val {new_score:.4f} > {baseline:.4f}")
+        logger.info(f"click model {version} published: val {new_score:.4f} (served: {baseline})")
         result.update(published=True, version=version)
         return result
 
-    def _case(self, pair: dict[str, Any]) -> ClickCase | None:
-        vol = load_volume(pair["image"])
-        label = np.asarray(load_volume(pair["label"], dtype=np.uint8).array)
-        start = None
-        if self.segmenter is not None and self.segmenter.model_path.exists():
-            start, _ = self.segmenter.segment(vol)
-        return prepare_case(vol, label, start, self.labelmap, self.seg_cfg, self.cfg)
+    def _checkpoint(self, opts: ClickTrainRequest, pairs: dict[str, dict[str, Any]], train_ids: list[str],
+                    val_ids: list[str]) -> Checkpoint:
+        """This run's checkpoint: resumed only by a run with the same labels, options, served click
+        weights and segmentation model (a killed run's file for anything else is removed)."""
+        labels = [(i, pairs[i]["label"], os.stat(pairs[i]["label"]).st_mtime_ns) for i in train_ids + val_ids]
+        seg = os.stat(self.seg_model).st_mtime_ns if self.seg_model.exists() else None
+        facts = {"labels": labels, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
+                 "parent": self.store.serving_sha256(), "segmentation": seg, "device": self.device}
+        key = hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        run_dir = self.store.root / ".train" / self.store.preset
+        path = run_dir / f"checkpoint-{key}.pt"
+        for stale in run_dir.glob("checkpoint-*.pt"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+        return Checkpoint(path)
 
     def _served_state(self) -> dict[str, torch.Tensor] | None:
         path = self.store.serving_path
@@ -148,7 +196,8 @@ class PanTSClickTrain(TrainTask):
 
     def score(self, state: dict[str, torch.Tensor] | None, cases: list[ClickCase]) -> float:
         """Mean Dice of the network's answer on ``val_samples`` simulated-click windows of ``cases``
-        (fixed seed: the same draws for every network; random weights for ``state=None``)."""
+        (fixed seed: the same draws for every network; random weights for ``state=None``). On the CPU,
+        so that the served and the new weights are scored alike wherever they were trained."""
         torch.manual_seed(self.cfg.training.seed)
         net = build_click_network(self.cfg)
         if state is not None:

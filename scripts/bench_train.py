@@ -43,11 +43,12 @@ from lib.model.segmenter import build_network, default_threads  # noqa: E402
 from lib.core.settings import SegmentationConfig, load_segmentation_config  # noqa: E402
 from lib.trainers.segmentation import PanTSTrain  # noqa: E402
 from lib.model.training import CaseCache, CropSampler, class_weights, effective_patch  # noqa: E402
+from lib.model.precision import autocast, describe, resolve_cpu_bf16  # noqa: E402
 
 
 def bare_step_times(
     cfg: SegmentationConfig, lm: LabelMap, x: torch.Tensor, device: torch.device,
-    channels_last: bool, iters: int,
+    channels_last: bool, iters: int, cpu_bf16: bool = False,
 ) -> list[float]:
     """Seconds per forward + backward + AdamW step of the bare network (after one warm-up step)."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -62,7 +63,7 @@ def bare_step_times(
     for i in range(iters + 1):
         t = time.perf_counter()
         optim.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
+        with autocast(device, cpu_bf16):  # the trainer's precision (lib/model/precision.py)
             out = net(x)
         if grad is None:  # a dense gradient like a loss's (a stride-0 one would take a slow path)
             grad = torch.randn_like(out) * 1e-6
@@ -124,7 +125,9 @@ def main() -> None:
     fmt_name = "channels_last_3d" if fmt else "contiguous"
 
     load0 = os.getloadavg()[0]
-    bare = bare_step_times(cfg, lm, x, device, fmt, args.iters)
+    bf16 = resolve_cpu_bf16(cfg.cpu_bf16.train) and device.type == "cpu"
+    precision = describe(device, bf16)
+    bare = bare_step_times(cfg, lm, x, device, fmt, args.iters, bf16)
     print(f"bare ({fmt_name}): {[round(t, 2) for t in bare]} s", flush=True)
     trainer = PanTSTrain(cfg, lm, args.preset, model_dir, device.type)
     t = time.time()
@@ -132,22 +135,26 @@ def main() -> None:
     run_s = time.time() - t
     app = (s["loop_s"] - s["first_iteration_s"]) / (s["iterations"] - 1)
     print(f"app: first iteration {s['first_iteration_s']} s, then {app:.2f} s each; validation {s['val_time_s']} s", flush=True)
-    bare += bare_step_times(cfg, lm, x, device, fmt, args.iters)
+    bare += bare_step_times(cfg, lm, x, device, fmt, args.iters, bf16)
     print(f"bare again: {[round(t, 2) for t in bare[args.iters:]]} s", flush=True)
-    ref = bare_step_times(cfg, lm, x, device, not fmt, args.iters) if args.reference else []
+    ref = bare_step_times(cfg, lm, x, device, not fmt, args.iters, bf16) if args.reference else []
+    fp32 = bare_step_times(cfg, lm, x, device, fmt, args.iters, False) if bf16 else []
     load1 = os.getloadavg()[0]
 
     mean_bare = statistics.mean(bare)
     spread = (max(bare) - min(bare)) / mean_bare
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nTraining step, preset '{args.preset}', patch {'x'.join(map(str, s['patch']))}, batch {batch}, "
-          f"{dev}, torch {torch.__version__}, {platform.machine()}, load average {load0:.2f} -> {load1:.2f}")
+          f"{dev}, {precision}, torch {torch.__version__}, {platform.machine()}, load average {load0:.2f} -> {load1:.2f}")
     print(f"{'what':<44} {'s/iteration':>12} {'vs bare':>8}")
     print(f"{'bare fwd+bwd+AdamW step (' + fmt_name + ')':<44} {mean_bare:>12.3f} {'':>8}")
     if ref:
         other = "contiguous" if fmt else "channels_last_3d"
         r = statistics.mean(ref)
         print(f"{'bare fwd+bwd+AdamW step (' + other + ')':<44} {r:>12.3f} {r / mean_bare - 1:>+8.1%}")
+    if fp32:
+        r = statistics.mean(fp32)
+        print(f"{'bare step in float32 (cpu_bf16 train: off)':<44} {r:>12.3f} {r / mean_bare - 1:>+8.1%}")
     print(f"{'app training iteration (PanTSTrain.fit)':<44} {app:>12.3f} {app / mean_bare - 1:>+8.1%}")
     fastest = s["fastest_iteration_s"]
     print(f"{'bare, fastest step':<44} {min(bare):>12.3f} {'':>8}")

@@ -59,6 +59,7 @@ def test_info_lists_28_labels_model_trainer_strategies(client) -> None:
     assert model["type"] == "segmentation" and model["dimension"] == 3
     assert model["labels"] == LM.labels_dict()
     assert model["preset"] == "fast"
+    assert model["precision"] in {"float32", "bfloat16 mixed"}
     assert "segmentation" in info["trainers"]
     assert "random" in info["strategies"]
     assert info["datastore"]["total"] == 6

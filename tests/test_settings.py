@@ -57,3 +57,7 @@ def test_bad_preset_values_name_the_key() -> None:
     data["second_stage"]["margin_mm"] = -1
     with pytest.raises(ConfigError, match=r"second_stage\.margin_mm"):
         validate_model("presets.yaml", SegmentationConfig, data)
+    data = load_segmentation_config().model_dump()
+    data["cpu_bf16"]["infer"] = "yes"
+    with pytest.raises(ConfigError, match=r"cpu_bf16\.infer"):
+        validate_model("presets.yaml", SegmentationConfig, data)

@@ -156,6 +156,14 @@ class SecondStage(_Frozen):
     margin_mm: float = Field(24.0, ge=0.0, le=100.0)
 
 
+class CpuPrecision(_Frozen):
+    """``cpu_bf16``: bfloat16 mixed precision on the CPU (lib/model/precision.py); ``auto`` = where
+    the CPU computes bfloat16 natively."""
+
+    infer: Literal["auto", "on", "off"] = "auto"
+    train: Literal["auto", "on", "off"] = "auto"
+
+
 class SegmentationConfig(_Frozen):
     """Everything in ``configs/presets.yaml``."""
 
@@ -165,6 +173,7 @@ class SegmentationConfig(_Frozen):
     output_slab_slices: int = Field(16, ge=1, le=512)
     training: TrainingConfig = TrainingConfig()
     second_stage: SecondStage = SecondStage()
+    cpu_bf16: CpuPrecision = CpuPrecision()
 
     @model_validator(mode="after")
     def _second_stage_preset(self) -> "SegmentationConfig":

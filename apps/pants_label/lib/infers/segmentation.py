@@ -71,6 +71,7 @@ class PanTSSegmentation(InferTask):
         )
         info["trained"] = trained
         info["preset"] = self.segmenter.preset_name
+        info["precision"] = self.segmenter.precision  # float32, or bfloat16/float16 mixed
         info["spacing_mm"] = list(preset.spacing_mm)
         info["model_file"] = os.path.basename(self.segmenter.model_path)
         info["model_version"] = self.models.serving_version() if self.models else None

@@ -251,14 +251,15 @@ def fit_clicks(cases: Sequence[ClickCase], lm: LabelMap, cfg: ClickConfig, steps
                state: dict[str, torch.Tensor] | None = None, progress: bool = False, log_every: int = 50,
                device: str = "cpu", checkpoint: Checkpoint | None = None, checkpoint_every: int = 50,
                on_step: Callable[[int, list[float], dict[str, float]], None] | None = None,
-               ) -> tuple[dict[str, torch.Tensor], list[float]]:
+               cpu_bf16: bool = False) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train the click network for ``steps`` batches on the shared :class:`lib.model.engine.Engine`;
     returns its weights and the loss per step.
 
     ``state``: weights to start from (the served click model); else from scratch with ``seed``.
     ``checkpoint``: every ``checkpoint_every`` steps the run's state is saved there, and a run that
     finds one goes on from it (drawing its samples from a new seed, as the segmentation trainer
-    does). ``on_step(step, losses, timing)`` is called after each step.
+    does). ``on_step(step, losses, timing)`` is called after each step. ``cpu_bf16``: bfloat16
+    mixed precision on a CPU (:mod:`lib.model.precision`).
     """
     from lib.model.clicks import build_click_network
 
@@ -271,7 +272,7 @@ def fit_clicks(cases: Sequence[ClickCase], lm: LabelMap, cfg: ClickConfig, steps
     t = cfg.training
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.learning_rate, total_steps=max(steps, 1), pct_start=0.1)
-    engine = Engine(net, opt, sched, dev)
+    engine = Engine(net, opt, sched, dev, cpu_bf16=cpu_bf16)
     first, losses = 0, []
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:

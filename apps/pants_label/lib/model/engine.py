@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from lib.model.precision import autocast, describe as describe_precision
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -51,18 +53,23 @@ class Engine:
     Args:
         net: the network whose weights are trained and saved (already on ``device``).
         optim, sched: its optimizer and a per-step learning-rate schedule.
-        device: where the batches go; on CUDA, steps run under autocast with a gradient scaler.
+        device: where the batches go; on CUDA, steps run under float16 autocast with a gradient
+            scaler.
         memory_format: of the input batches (``channels_last_3d`` is faster for 3-D convolutions on
             a CPU; the network must have been moved with the same format).
         model: what runs the forward pass when it is not ``net`` itself (a DDP wrapper).
+        cpu_bf16: on a CPU, run the steps under bfloat16 autocast (:mod:`lib.model.precision`;
+            bfloat16 keeps float32's range, so no scaler is needed).
     """
 
     def __init__(self, net: torch.nn.Module, optim: torch.optim.Optimizer, sched: Any, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 model: torch.nn.Module | None = None) -> None:
+                 model: torch.nn.Module | None = None, cpu_bf16: bool = False) -> None:
         self.net, self.model = net, model if model is not None else net
         self.optim, self.sched, self.device, self.memory_format = optim, sched, device, memory_format
         self.use_amp = device.type == "cuda"
+        self.cpu_bf16 = cpu_bf16 and device.type == "cpu"
+        self.precision = describe_precision(device, self.cpu_bf16)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.timing = StepTiming()
 
@@ -75,7 +82,7 @@ class Engine:
         x, y = self.to_device(x, y)
         self.model.train()
         self.optim.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
+        with autocast(self.device, self.cpu_bf16):
             loss = loss_fn(self.model(x), y)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optim)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet
 
+from lib.model.precision import autocast, describe as describe_precision, resolve_cpu_bf16
 from lib.core.labelmap import LabelMap
 from lib.core.settings import Preset, SegmentationConfig
 from lib.imaging.volume_io import Reorientation, Volume, canonical_spacing, reorientation
@@ -449,6 +450,8 @@ class Segmenter:
         self.preset = cfg.preset(preset_name)
         self.model_path = Path(model_path)
         self.device = torch.device(device)
+        self.cpu_bf16 = resolve_cpu_bf16(cfg.cpu_bf16.infer)
+        self.precision = describe_precision(self.device, self.cpu_bf16)
         self._lock = threading.Lock()
         self._net: SegResNet | None = None
         self.info = ModelInfo(self.model_path, trained=False)
@@ -507,13 +510,13 @@ class Segmenter:
         p = self.preset
         roi = window_size(tuple(image.shape[2:]), p.roi_size, p.overlap)
         fmt = _memory_format(net)
-        use_amp = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=use_amp):
+        with torch.inference_mode(), autocast(self.device, self.cpu_bf16):
             logits = sliding_window_inference(
                 image.to(self.device),
                 roi_size=roi,
                 sw_batch_size=p.sw_batch_size,
-                predictor=lambda w: net(w.contiguous(memory_format=fmt)),
+                # float32 out: the windows are blended in float32 whatever the network computed in
+                predictor=lambda w: net(w.contiguous(memory_format=fmt)).float(),
                 overlap=p.overlap,
                 mode="gaussian",
                 padding_mode="constant",

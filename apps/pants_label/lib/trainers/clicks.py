@@ -41,6 +41,7 @@ from lib.model.checkpoint import Checkpoint
 from lib.model.click_training import ClickCase, ClickCaseCache, fit_clicks, make_sample
 from lib.model.clicks import build_click_network
 from lib.model.engine import publishable
+from lib.model.precision import describe as describe_precision, resolve_cpu_bf16
 from lib.model.model_card import code_version, device_description
 from lib.model.model_store import ModelStore, read_json, write_json_atomic
 from lib.model.training import auto_cache_workers, build_cache, meta_centers, split_train_val
@@ -78,6 +79,7 @@ class PanTSClickTrain(TrainTask):
         self.seg_model = Path(seg_model) if seg_model is not None else store.root / "no-segmentation-model"
         self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
         self.steps = steps or cfg.training.steps
+        self.cpu_bf16 = resolve_cpu_bf16(seg_cfg.cpu_bf16.train)
         self.stats_path = store.root / f"train_stats_{store.preset}.json"
         self.cache = ClickCaseCache(store.root / ".cache" / store.preset, cfg, seg_cfg, labelmap, self.seg_preset,
                                     self.seg_model)
@@ -146,7 +148,8 @@ class PanTSClickTrain(TrainTask):
                 written[0] = time.time()
 
         state, losses = fit_clicks(train, self.labelmap, self.cfg, opts.steps, t.seed, state=start,
-                                   device=self.device, checkpoint=checkpoint, on_step=on_step)
+                                   device=self.device, checkpoint=checkpoint, on_step=on_step,
+                                   cpu_bf16=self.cpu_bf16)
         new_score = self.score(state, val)
         baseline = self.score(served, val) if served is not None else None
         publish = publishable(new_score, baseline)
@@ -164,6 +167,7 @@ class PanTSClickTrain(TrainTask):
             "baseline": {"version": parent, "val_metric": None if baseline is None else round(baseline, 4)},
             "parent": parent, "initialised_from": None if start is None else parent, "trigger": opts.trigger,
             "steps": opts.steps, "code_version": code_version(), "device": device_description(self.device, 1),
+            "precision": describe_precision(torch.device(self.device), self.cpu_bf16),
         }
         meta = {"labels": self.labelmap.names, "summary": f"click model: val Dice {new_score:.3f} on {len(val)} scans",
                 "click_config": self.cfg.model_dump(mode="json")}

@@ -38,6 +38,7 @@ from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.model.checkpoint import Checkpoint
 from lib.model.engine import Engine, plain_state, publishable
+from lib.model.precision import resolve_cpu_bf16
 from lib.model.metrics import evaluate_case, mean_dice
 from lib.model.model_card import code_version, device_description, per_class, training_scans
 from lib.model.model_store import ModelStore, model_path, read_json, write_json_atomic
@@ -340,7 +341,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))
     iters = max(1, math.ceil(iters / world))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.max_epochs * iters)
-    engine = Engine(net, optim, sched, device, memory_format, model)
+    engine = Engine(net, optim, sched, device, memory_format, model,
+                    cpu_bf16=resolve_cpu_bf16(cfg.cpu_bf16.train))
     loss_fn = lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight)  # noqa: E731
 
     best_metric, best_state, best_epoch = -1.0, None, 0
@@ -357,7 +359,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
         stats["resumed_from_epoch"] = start - 1
         logger.info(f"resuming from the checkpoint of epoch {start - 1}/{opts.max_epochs} ({plan.checkpoint_path})")
     stats.update(baseline_metric=None if baseline is None else round(baseline, 4), total_epochs=opts.max_epochs,
-                 iterations_per_epoch=iters, patch=list(patch), batch_size=opts.batch_size * world)
+                 iterations_per_epoch=iters, patch=list(patch), batch_size=opts.batch_size * world,
+                 precision=engine.precision)
     write()
     t_train, t_written = time.time() - prior_s, time.time()  # train time counts the killed run's epochs too
     engine.timing.restart()
@@ -440,6 +443,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             "epochs": {"best": best_epoch, "total": opts.max_epochs, "iterations": n_iter,
                        "resumed_from": stats.get("resumed_from_epoch")},
             "training_time_s": round(train_time, 1),
+            "precision": engine.precision,
         }
         version = ModelStore(plan.store_root, plan.preset_name, plan.dataset).publish(best_state, meta, card)  # type: ignore[arg-type]
         logger.info(f"published model version {version} ({plan.model_path}): {meta['summary']}")

@@ -40,24 +40,18 @@ def test_monailabel_own_keys_pass() -> None:
     assert AppSettings.from_conf({"server_mode": "true", "preset": "full"}).preset == "full"
 
 
-def test_bad_preset_values_name_the_key() -> None:
+@pytest.mark.parametrize("keys, value, pattern", [
+    (("presets", "fast", "roi_size"), [100, 96, 96], r"presets\.fast\.roi_size"),
+    (("preprocessing", "hu_max"), -2000, r"preprocessing\.hu_max"),
+    (("second_stage", "preset"), "finer", r"second_stage\.preset.*finer"),
+    (("second_stage", "margin_mm"), -1, r"second_stage\.margin_mm"),
+    (("cpu_bf16", "infer"), "yes", r"cpu_bf16\.infer"),
+])
+def test_bad_preset_values_name_the_key(keys: tuple[str, ...], value: object, pattern: str) -> None:
     data = load_segmentation_config().model_dump()
-    data["presets"]["fast"]["roi_size"] = [100, 96, 96]
-    with pytest.raises(ConfigError, match=r"presets\.fast\.roi_size"):
-        validate_model("presets.yaml", SegmentationConfig, data)
-    data = load_segmentation_config().model_dump()
-    data["preprocessing"]["hu_max"] = -2000
-    with pytest.raises(ConfigError, match=r"preprocessing\.hu_max"):
-        validate_model("presets.yaml", SegmentationConfig, data)
-    data = load_segmentation_config().model_dump()
-    data["second_stage"]["preset"] = "finer"
-    with pytest.raises(ConfigError, match=r"second_stage\.preset.*finer"):
-        validate_model("presets.yaml", SegmentationConfig, data)
-    data = load_segmentation_config().model_dump()
-    data["second_stage"]["margin_mm"] = -1
-    with pytest.raises(ConfigError, match=r"second_stage\.margin_mm"):
-        validate_model("presets.yaml", SegmentationConfig, data)
-    data = load_segmentation_config().model_dump()
-    data["cpu_bf16"]["infer"] = "yes"
-    with pytest.raises(ConfigError, match=r"cpu_bf16\.infer"):
+    node = data
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    with pytest.raises(ConfigError, match=pattern):
         validate_model("presets.yaml", SegmentationConfig, data)

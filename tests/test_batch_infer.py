@@ -66,11 +66,15 @@ def test_two_gloo_ranks_share_the_scans_then_a_rerun_does_only_what_is_missing(p
     assert [r["case"] for r in rows] == cases and {r["model_version"] for r in rows} == {"v1"}
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)  # evaluate.py --scores reads case,score
 
-    # Same label map as the infer pipeline gives in this process.
+    # Same label map as the infer pipeline gives in this process. In bfloat16 (presets.yaml cpu_bf16,
+    # on where the CPU has it) the sums depend on the thread count (a rank has 1 thread, this process
+    # 2), and random weights' 29 logits are near-tied: a few voxels may differ; in float32 none.
     ct = base / "PanTS" / "ImageTr" / cases[0] / "ct.nii.gz"
-    expected, _ = Segmenter(CFG, LM, "fast", weights).segment(load_volume(ct))
+    seg = Segmenter(CFG, LM, "fast", weights)
+    expected, _ = seg.segment(load_volume(ct))
     got = nib.load(out / "labels" / f"{cases[0]}.nii.gz")
-    np.testing.assert_array_equal(np.asarray(got.dataobj), expected)
+    differ = float(np.mean(np.asarray(got.dataobj) != expected))
+    assert differ <= (0.01 if seg.cpu_bf16 else 0.0), differ
     np.testing.assert_allclose(got.affine, nib.load(ct).affine, atol=1e-5)
     ml = np.count_nonzero(expected == LM.id_of("pancreatic_lesion")) * 27 / 1000  # 3 mm voxels
     assert scores[cases[0]]["lesion_ml"] == pytest.approx(ml, abs=1e-3)

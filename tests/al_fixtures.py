@@ -11,6 +11,8 @@ from lib.core.labelmap import load_labelmap
 from lib.core.settings import load_segmentation_config
 from lib.model.model_store import publish
 from lib.model.segmenter import build_network
+from lib.model.model_store import model_path
+from pants_tools.phantom import write_pants_tree
 
 #: active_learning.yaml for the tests: no localize pass (the phantoms are tiny), 2 MC passes,
 #: a 1 s model watcher, 30-minute leases
@@ -77,3 +79,18 @@ def wait_scored(server, version: str | None, timeout: float = 420) -> dict:
             return al
         time.sleep(1)
     raise AssertionError(f"scoring did not finish with model {version}: {al}\n{server.tail()}")
+
+
+def start_al_server(base: Path, n: int, seed: int, al_yaml: str):
+    """A server on ``n`` small phantoms with their masks hidden, random published weights and the
+    given active-learning settings. Returns (server, PanTS root, model folder); stop the server."""
+    from server import Server
+
+    root = base / "PanTS"
+    write_pants_tree(root, n, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=seed)
+    model_dir = base / "model"
+    publish_random_model(model_path(model_dir, "fast"), 0)
+    (base / "al.yaml").write_text(al_yaml)
+    conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
+            "al_config": str(base / "al.yaml")}
+    return Server(root, base / "server.log", conf=conf), root, model_dir

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from lib.model.model_store import model_path
-from pants_tools.phantom import write_pants_tree
 from lib.activelearning.scoring import INFO_KEY, model_version
-from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model, server_info, wait_scored
+from al_fixtures import AL_YAML, concurrent_next_samples, publish_random_model, server_info, start_al_server, wait_scored
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -21,15 +20,7 @@ STRATEGIES = ("hybrid", "random", "random_fg", "uncertainty")
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path, Path]]:
-    base = tmp_path_factory.mktemp("al_app")
-    root = base / "PanTS"
-    write_pants_tree(root, N, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=4)
-    model_dir = base / "model"
-    publish_random_model(model_path(model_dir, "fast"), 0)
-    (base / "al.yaml").write_text(AL_YAML)
-    conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
-            "al_config": str(base / "al.yaml")}
-    server = Server(root, base / "server.log", conf=conf)
+    server, root, model_dir = start_al_server(tmp_path_factory.mktemp("al_app"), N, 4, AL_YAML)
     try:
         yield server, root, model_dir
     finally:

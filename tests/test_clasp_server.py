@@ -10,8 +10,7 @@ import pytest
 
 from lib.activelearning.scoring import INFO_KEY, model_version
 from lib.model.model_store import model_path
-from pants_tools.phantom import write_pants_tree
-from al_fixtures import AL_YAML as BASE_AL_YAML, publish_random_model, server_info, wait_scored
+from al_fixtures import AL_YAML as BASE_AL_YAML, server_info, start_al_server, wait_scored
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -23,15 +22,7 @@ AL_YAML = BASE_AL_YAML + "  clasp_noise: 1.0\n"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
-    base = tmp_path_factory.mktemp("clasp_app")
-    root = base / "PanTS"
-    write_pants_tree(root, N, shape=(24, 24, 16), spacing=(4.0, 4.0, 4.0), seed=9)
-    model_dir = base / "model"
-    publish_random_model(model_path(model_dir, "fast"), 0)
-    (base / "al.yaml").write_text(AL_YAML)
-    conf = {"model_dir": str(model_dir), "preset": "fast", "hide_imported_labels": "true",
-            "al_config": str(base / "al.yaml")}
-    server = Server(root, base / "server.log", conf=conf)
+    server, _, model_dir = start_al_server(tmp_path_factory.mktemp("clasp_app"), N, 9, AL_YAML)
     try:
         yield server, model_dir
     finally:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from lib.core.config_types import NonNegativeWeights
+from lib.core.config_types import FrozenConfig, NonNegativeWeights
 from lib.core.config_errors import load_yaml_model
 from lib.core.labelmap import REPO_ROOT, LabelMap, check_class_names
 
 DEFAULT_AL_CONFIG = REPO_ROOT / "configs" / "active_learning.yaml"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ScoringConfig(_Frozen):
+class ScoringConfig(FrozenConfig):
     localize_spacing_mm: tuple[float, float, float] | None = (6.0, 6.0, 6.0)
     localize_body_hu: float | None = -500.0
     crop_margin_mm: float = Field(20.0, ge=0)
@@ -55,7 +51,7 @@ class ScoringConfig(_Frozen):
         return [self.class_weights.get(n, self.other_weight) for n in labelmap.names]
 
 
-class StrategyConfig(_Frozen):
+class StrategyConfig(FrozenConfig):
     lease_minutes: float = Field(120.0, gt=0)
     fg_fraction: float = Field(0.5, ge=0, le=1)
     fg_pool: int = Field(256, ge=1)
@@ -75,7 +71,7 @@ class StrategyConfig(_Frozen):
 
 
 
-class ActiveLearningConfig(_Frozen):
+class ActiveLearningConfig(FrozenConfig):
     scoring: ScoringConfig = ScoringConfig()
     strategies: StrategyConfig = StrategyConfig()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from lib.core.config_types import FrozenConfig, NonNegativeWeights
 from lib.core.config_errors import load_yaml_model
 from lib.core.labelmap import REPO_ROOT, LabelMap, check_class_names
 
@@ -15,23 +16,19 @@ DEFAULT_CLICK_CONFIG = REPO_ROOT / "configs" / "clicks.yaml"
 OTHER_GROUP = "other"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClickNetwork(_Frozen):
+class ClickNetwork(FrozenConfig):
     init_filters: int = Field(16, ge=4, le=64)
     blocks_down: tuple[int, ...] = (1, 2, 2)
     blocks_up: tuple[int, ...] = (1, 1)
 
 
-class ClickTraining(_Frozen):
+class ClickTraining(FrozenConfig):
     crop: int = Field(40, ge=16, le=256, multiple_of=8)
     batch_size: int = Field(6, ge=1, le=256)
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     rounds: int = Field(3, ge=0, le=20)
-    class_weights: dict[str, float] = {}
+    class_weights: NonNegativeWeights = {}
     other_weight: float = Field(1.0, ge=0)
     # the server's train task (POST /train/deepedit)
     steps: int = Field(300, ge=1, le=1_000_000)
@@ -45,7 +42,7 @@ class ClickTraining(_Frozen):
     seed: int = 0
 
 
-class ClickConfig(_Frozen):
+class ClickConfig(FrozenConfig):
     spacing_mm: float = Field(2.0, gt=0)
     window_min: int = Field(48, ge=16, multiple_of=8)
     window_margin: int = Field(16, ge=0)

@@ -5,30 +5,26 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from lib.core.config_types import PositiveCounts
+from lib.core.config_types import FrozenConfig, PositiveCounts
 from lib.core.config_errors import load_yaml_model
 from lib.core.labelmap import REPO_ROOT, LabelMap, check_class_names
 
 DEFAULT_REVIEW_CONFIG = REPO_ROOT / "configs" / "review.yaml"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DoubleReading(_Frozen):
+class DoubleReading(FrozenConfig):
     tumour_positive: bool = True
     other_fraction: float = Field(0.05, ge=0, le=1)
 
 
-class Agreement(_Frozen):
+class Agreement(FrozenConfig):
     flag_classes: tuple[str, ...] = ("pancreatic_lesion",)
     flag_below_dsc: float = Field(0.20, ge=0, le=1)
 
 
-class QAConfig(_Frozen):
+class QAConfig(FrozenConfig):
     run_on_import: bool = True
     lesion_max_gap_mm: float = Field(5.0, ge=0)
     duct_inside_min: float = Field(0.9, ge=0, le=1)
@@ -47,7 +43,7 @@ class QAConfig(_Frozen):
         return v
 
 
-class ReviewConfig(_Frozen):
+class ReviewConfig(FrozenConfig):
     double_reading: DoubleReading = DoubleReading()
     agreement: Agreement = Agreement()
     qa: QAConfig = QAConfig()

@@ -10,8 +10,9 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from lib.core.config_types import FrozenConfig
 from lib.core.config_errors import ConfigError, load_yaml_model, validate_model
 from lib.core.labelmap import REPO_ROOT
 
@@ -21,11 +22,7 @@ Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Preprocessing(_Frozen):
+class Preprocessing(FrozenConfig):
     orientation: Literal["RPS"] = "RPS"
     hu_min: float = -1000.0
     hu_max: float = 1000.0
@@ -69,14 +66,14 @@ class Preprocessing(_Frozen):
         return [self.hu_min, lo, hi, self.hu_max], [-1.0, y1, y1 + 2.0 * self.soft_tissue_share, 1.0]
 
 
-class NetworkConfig(_Frozen):
+class NetworkConfig(FrozenConfig):
     init_filters: int = Field(16, ge=4, le=128)
     blocks_down: tuple[int, ...] = (1, 2, 2, 4)
     blocks_up: tuple[int, ...] = (1, 1, 1)
     dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
 
 
-class Preset(_Frozen):
+class Preset(FrozenConfig):
     spacing_mm: Triple
     roi_size: IntTriple
     sw_batch_size: int = Field(1, ge=1, le=64)
@@ -104,7 +101,7 @@ def _check_patch(v: IntTriple) -> IntTriple:
     return v
 
 
-class CpuTraining(_Frozen):
+class CpuTraining(FrozenConfig):
     """``training.cpu``: what changes where there is no GPU (unset keys keep the main values)."""
 
     patch_size: IntTriple | None = None
@@ -120,7 +117,7 @@ class CpuTraining(_Frozen):
         return None if v is None else _check_patch(v)
 
 
-class TrainingConfig(_Frozen):
+class TrainingConfig(FrozenConfig):
     patch_size: IntTriple = (96, 96, 96)
     batch_size: int = Field(2, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
@@ -149,14 +146,14 @@ class TrainingConfig(_Frozen):
         return self.model_copy(update=self.cpu.model_dump(exclude_none=True))
 
 
-class SecondStage(_Frozen):
+class SecondStage(FrozenConfig):
     """``second_stage``: the pancreas region again at a finer preset (lib/model/pancreas_stage.py)."""
 
     preset: str = "pancreas"
     margin_mm: float = Field(24.0, ge=0.0, le=100.0)
 
 
-class CpuPrecision(_Frozen):
+class CpuPrecision(FrozenConfig):
     """``cpu_bf16``: bfloat16 mixed precision on the CPU (lib/model/precision.py); ``auto`` = where
     the CPU computes bfloat16 natively."""
 
@@ -164,7 +161,7 @@ class CpuPrecision(_Frozen):
     train: Literal["auto", "on", "off"] = "auto"
 
 
-class SegmentationConfig(_Frozen):
+class SegmentationConfig(FrozenConfig):
     """Everything in ``configs/presets.yaml``."""
 
     preprocessing: Preprocessing = Preprocessing()
@@ -213,7 +210,7 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ConfigError(f"--conf {key}: expected true or false, got {value!r}")
 
 
-class AppSettings(_Frozen):
+class AppSettings(FrozenConfig):
     """The app's ``--conf key value`` settings (see README, "Settings")."""
 
     preset: Literal["auto", "fast", "full"] = "auto"

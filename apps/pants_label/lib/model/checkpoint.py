@@ -6,9 +6,12 @@ run killed at any moment leaves the last complete epoch's state (or none), never
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -38,4 +41,21 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-__all__ = ["Checkpoint"]
+def run_checkpoint(run_dir: Path, facts: dict[str, Any]) -> Checkpoint:
+    """The checkpoint of the run these ``facts`` identify (data, options, parent weights...): only a
+    run with the same facts resumes from it. Checkpoints that killed runs of other facts left in
+    ``run_dir`` are removed."""
+    key = hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(run_dir) / f"checkpoint-{key}.pt"
+    for stale in Path(run_dir).glob("checkpoint-*.pt"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return Checkpoint(path)
+
+
+def label_stamps(pairs: dict[str, dict[str, Any]], ids: Iterable[str]) -> list[tuple[str, str, int]]:
+    """(id, label file, mtime) of each scan: a run's facts change when a reader saves a label."""
+    return [(i, pairs[i]["label"], os.stat(pairs[i]["label"]).st_mtime_ns) for i in ids]
+
+
+__all__ = ["Checkpoint", "label_stamps", "run_checkpoint"]

@@ -88,19 +88,23 @@ class ClickCaseCache:
     """
 
     def __init__(self, root: Path, cfg: ClickConfig, seg_cfg: SegmentationConfig, labelmap: LabelMap,
-                 seg_preset: str, seg_model: Path) -> None:
+                 seg_preset: str | None = None, seg_model: Path | None = None) -> None:
         self.root = Path(root)
         self.cfg, self.seg_cfg, self.labelmap = cfg, seg_cfg, labelmap
-        self.seg_preset, self.seg_model = seg_preset, Path(seg_model)
+        self.seg_preset, self.seg_model = seg_preset, Path(seg_model) if seg_model is not None else None
         self._segmenter: Segmenter | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # sent to cache workers without the loaded network
         return {**self.__dict__, "_segmenter": None}
 
     def _folder(self, image: str, label: str) -> Path:
-        settings = [self.cfg.model_dump_json(), self.seg_cfg.preprocessing.model_dump_json(), self.seg_preset]
-        model = self.seg_model if self.seg_model.exists() else None
-        return self.root / cache_key(settings, [image, label, model])
+        settings = [self.cfg.model_dump_json(), self.seg_cfg.preprocessing.model_dump_json(), str(self.seg_preset)]
+        return self.root / cache_key(settings, [image, label, self._served_model()])
+
+    def _served_model(self) -> Path | None:
+        """The segmentation weights that give the start labels, when there are any."""
+        ok = self.seg_preset is not None and self.seg_model is not None and self.seg_model.exists()
+        return self.seg_model if ok else None
 
     def has(self, image: str, label: str) -> bool:
         return (self._folder(image, label) / "done").exists()
@@ -118,10 +122,11 @@ class ClickCaseCache:
                          Orienter(reorientation(affine, self.seg_cfg.preprocessing.orientation)))
 
     def _start_label(self, vol: Volume) -> np.ndarray | None:
-        if not self.seg_model.exists():
+        model = self._served_model()
+        if model is None:
             return None
         if self._segmenter is None:
-            self._segmenter = Segmenter(self.seg_cfg, self.labelmap, self.seg_preset, self.seg_model, "cpu")
+            self._segmenter = Segmenter(self.seg_cfg, self.labelmap, self.seg_preset, model, "cpu")  # type: ignore[arg-type]
         return self._segmenter.segment(vol)[0]
 
     def _build(self, folder: Path, image: str, label: str) -> None:

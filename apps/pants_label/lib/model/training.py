@@ -45,7 +45,7 @@ def cache_key(settings: Sequence[str], files: Sequence[str | Path | None]) -> st
     files it was made from; a changed file or setting makes a new entry. ``None``: no such file."""
     parts = list(settings)
     for p in files:
-        if p is None or not os.path.exists(p):
+        if p is None:
             parts.append("-")
             continue
         st = os.stat(p)

@@ -19,8 +19,6 @@ fixed seed (each network runs its own simulated rounds, as in use).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -37,7 +35,7 @@ from lib.core.click_config import ClickConfig
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.core.settings import SegmentationConfig
-from lib.model.checkpoint import Checkpoint
+from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
 from lib.model.click_training import ClickCase, ClickCaseCache, fit_clicks, make_sample
 from lib.model.clicks import build_click_network
 from lib.model.engine import publishable
@@ -75,13 +73,12 @@ class PanTSClickTrain(TrainTask):
         labels that clicks correct (none: the truth, corrupted). ``steps``: per run, else clicks.yaml's."""
         super().__init__("Train the click model (deepedit) with simulated clicks on the labelled scans")
         self.cfg, self.seg_cfg, self.labelmap, self.store = cfg, seg_cfg, labelmap, store
-        self.seg_preset = seg_preset or "fast"
-        self.seg_model = Path(seg_model) if seg_model is not None else store.root / "no-segmentation-model"
+        self.seg_model = Path(seg_model) if seg_model is not None else None
         self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
         self.steps = steps or cfg.training.steps
         self.cpu_bf16 = resolve_cpu_bf16(seg_cfg.cpu_bf16.train)
         self.stats_path = store.root / f"train_stats_{store.preset}.json"
-        self.cache = ClickCaseCache(store.root / ".cache" / store.preset, cfg, seg_cfg, labelmap, self.seg_preset,
+        self.cache = ClickCaseCache(store.root / ".cache" / store.preset, cfg, seg_cfg, labelmap, seg_preset,
                                     self.seg_model)
 
     def config(self) -> dict[str, Any]:
@@ -179,18 +176,13 @@ class PanTSClickTrain(TrainTask):
     def _checkpoint(self, opts: ClickTrainRequest, pairs: dict[str, dict[str, Any]], train_ids: list[str],
                     val_ids: list[str]) -> Checkpoint:
         """This run's checkpoint: resumed only by a run with the same labels, options, served click
-        weights and segmentation model (a killed run's file for anything else is removed)."""
-        labels = [(i, pairs[i]["label"], os.stat(pairs[i]["label"]).st_mtime_ns) for i in train_ids + val_ids]
-        seg = os.stat(self.seg_model).st_mtime_ns if self.seg_model.exists() else None
-        facts = {"labels": labels, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
-                 "parent": self.store.serving_sha256(), "segmentation": seg, "device": self.device}
-        key = hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        run_dir = self.store.root / ".train" / self.store.preset
-        path = run_dir / f"checkpoint-{key}.pt"
-        for stale in run_dir.glob("checkpoint-*.pt"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
-        return Checkpoint(path)
+        weights and segmentation model."""
+        seg = self.seg_model
+        facts = {"labels": label_stamps(pairs, train_ids + val_ids), "val": val_ids,
+                 "opts": opts.model_dump(exclude={"trigger", "cache_workers"}), "parent": self.store.serving_sha256(),
+                 "segmentation": os.stat(seg).st_mtime_ns if seg is not None and seg.exists() else None,
+                 "device": self.device}
+        return run_checkpoint(self.store.root / ".train" / self.store.preset, facts)
 
     def _served_state(self) -> dict[str, torch.Tensor] | None:
         path = self.store.serving_path

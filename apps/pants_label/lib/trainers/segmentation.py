@@ -16,7 +16,6 @@ the CPU over gloo with ``cpu_processes > 1`` (how the DDP path is tested without
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
-from lib.model.checkpoint import Checkpoint
+from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
 from lib.model.engine import Engine, plain_state, publishable
 from lib.model.precision import resolve_cpu_bf16
 from lib.model.metrics import evaluate_case, mean_dice
@@ -101,11 +100,6 @@ class FitPlan:
     dataset: str | None  # what the data is (recorded in the card)
     card: dict[str, Any]  # the card's facts known before training (scans, labels, parent, trigger)
     checkpoint_path: Path  # resumable state of this run, removed when it ends
-
-
-def _run_key(plan_facts: dict[str, Any]) -> str:
-    """Identity of a run: a checkpoint is only resumed by a run with the same data, options and parent."""
-    return hashlib.sha1(json.dumps(plan_facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class PanTSTrain(TrainTask):
@@ -227,18 +221,13 @@ class PanTSTrain(TrainTask):
             "code_version": code_version(),
             "device": device_description(device, world),
         }
-        labels = [(i, pairs[i]["label"], os.stat(pairs[i]["label"]).st_mtime_ns) for i in train_ids + val_ids]
-        facts = {"labels": labels, "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
+        facts = {"labels": label_stamps(pairs, train_ids + val_ids), "val": val_ids, "opts": opts.model_dump(exclude={"trigger", "cache_workers"}),
                  "parent": self.store.serving_sha256(), "world": world, "preset": self.preset_name}
         stats.update(train_size=len(train_ids), val_size=len(val_ids), val_ids=val_ids, parent_version=parent,
                      label_tags=card["training_scans"]["label_tags"])
         self._write(stats)
         triple = lambda i: (i, pairs[i]["image"], pairs[i]["label"])  # noqa: E731
-        run_dir = self.model_dir / ".train" / self.preset_name
-        checkpoint = run_dir / f"checkpoint-{_run_key(facts)}.pt"
-        for stale in run_dir.glob("checkpoint-*.pt"):  # left by a killed run of other data or options
-            if stale != checkpoint:
-                stale.unlink(missing_ok=True)
+        checkpoint = run_checkpoint(self.model_dir / ".train" / self.preset_name, facts).path
         return FitPlan(
             cfg=self.cfg, labelmap=self.labelmap, preset_name=self.preset_name, model_path=self.path,
             stats_path=self.stats_path, cache_root=self.model_dir / ".cache" / self.preset_name,
@@ -260,8 +249,6 @@ def build_cache(plan: FitPlan, workers: int, rank: int = 0, world: int = 1) -> N
 
     built = build_case_cache(cache, items, workers, progress)
     plan.stats.update(cache_s=round(time.time() - t0, 2), cache_built=built, cache_workers=workers)
-
-
 
 
 # ---- the training loop (one process, or one DDP rank) -----------------------------------------
@@ -399,8 +386,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                 val_s += time.time() - t_val
                 stats.update(val_time_s=round(val_s, 3))
                 checkpoint.save({
-                    "epoch": epoch, "net": plain_state(net), **engine.state_dict(), "baseline": baseline, "best_metric": best_metric,
-                    "best_epoch": best_epoch, "best_state": best_state, "n_iter": n_iter, "val_s": val_s,
+                    "epoch": epoch, "net": plain_state(net), **engine.state_dict(), "baseline": baseline,
+                    "best_metric": best_metric, "best_epoch": best_epoch, "best_state": best_state, "n_iter": n_iter, "val_s": val_s,
                     "train_s": time.time() - t_train, "stats": json.loads(json.dumps(stats, default=str)),
                 })
                 engine.timing.restart()

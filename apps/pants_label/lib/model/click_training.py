@@ -36,7 +36,7 @@ from lib.core.labelmap import LabelMap
 from lib.core.settings import SegmentationConfig
 from lib.imaging.volume_io import Volume, load_volume, reorientation
 from lib.model.checkpoint import Checkpoint
-from lib.model.clicks import Orienter, Window, heat_map, merge_window, simulate_click
+from lib.model.clicks import Orienter, Window, heat_map, merge_window, simulate_click, stack_channels
 from lib.model.engine import Engine, plain_state
 from lib.model.pancreas_stage import region_box
 from lib.model.segmenter import Segmenter, normalize_hu, resample_image, resample_label, target_shape
@@ -193,10 +193,8 @@ def _input(case: ClickCase, cur: np.ndarray, cls: int, group: int, pos: list, ne
     box = window.box
     img = torch.from_numpy(np.ascontiguousarray(case.image[box]))
     lab = torch.from_numpy(np.ascontiguousarray(cur[box]))
-    groups = torch.zeros((len(cfg.group_names), *img.shape))
-    groups[group] = 1.0
-    x = torch.cat([img[None], heat_map(pos, window, cfg.click_sigma)[None], heat_map(neg, window, cfg.click_sigma)[None],
-                   (lab == cls).float()[None], ((lab != 0) & (lab != cls)).float()[None], groups])
+    x = stack_channels(img, (lab == cls).float(), ((lab != 0) & (lab != cls)).float(),
+                       heat_map(pos, window, cfg.click_sigma), heat_map(neg, window, cfg.click_sigma), group, cfg)
     return case.orient.to_canonical(x)
 
 

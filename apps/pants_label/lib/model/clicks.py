@@ -184,6 +184,16 @@ def heat_map(points: Sequence[Point], window: Window, sigma: float) -> torch.Ten
     return out
 
 
+def stack_channels(ct: torch.Tensor, cls_mask: torch.Tensor, other_mask: torch.Tensor, pos: torch.Tensor,
+                   neg: torch.Tensor, group: int, cfg: ClickConfig) -> torch.Tensor:
+    """The network's input channels (C, *grid) in their one order: CT, positive clicks, negative
+    clicks, the class's mask, the other classes' mask, then one channel per class group. Infer
+    (:func:`encode`) and training (:mod:`lib.model.click_training`) both build the input here."""
+    groups = torch.zeros((len(cfg.group_names), *ct.shape))
+    groups[group] = 1.0
+    return torch.cat([ct[None], pos[None], neg[None], cls_mask[None], other_mask[None], groups])
+
+
 def encode(image: np.ndarray, label: np.ndarray, cls: int, group: int, positive: Sequence[Point],
            negative: Sequence[Point], window: Window, seg_cfg: SegmentationConfig, cfg: ClickConfig,
            orient: Orienter) -> torch.Tensor:
@@ -196,11 +206,8 @@ def encode(image: np.ndarray, label: np.ndarray, cls: int, group: int, positive:
     lab = torch.from_numpy(np.ascontiguousarray(label[box]))
     masks = torch.stack([(lab == cls), (lab != 0) & (lab != cls)]).float()[None]
     planes = torch.cat([_resample(ct, window.grid), _resample(masks, window.grid)], dim=1)[0]
-    pos = heat_map(positive, window, cfg.click_sigma)
-    neg = heat_map(negative, window, cfg.click_sigma)
-    groups = torch.zeros((len(cfg.group_names), *window.grid))
-    groups[group] = 1.0
-    x = torch.cat([planes[:1], pos[None], neg[None], planes[1:], groups])
+    x = stack_channels(planes[0], planes[1], planes[2], heat_map(positive, window, cfg.click_sigma),
+                       heat_map(negative, window, cfg.click_sigma), group, cfg)
     return orient.to_canonical(x)[None].contiguous()
 
 
@@ -215,6 +222,12 @@ def logits_to_mask(logits: torch.Tensor, window: Window, orient: Orienter) -> np
 # ---- merging -----------------------------------------------------------------------------------------
 
 
+def _local(point: Point, start: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """A scan voxel index as an index into the window that starts at ``start``; None outside it."""
+    q = tuple(int(c) for c in np.asarray(point) - start)
+    return q if all(0 <= c < s for c, s in zip(q, shape)) else None  # type: ignore[return-value]
+
+
 def keep_clicked_parts(mask: np.ndarray, before: np.ndarray, positive: Sequence[Point], start: np.ndarray) -> np.ndarray:
     """Parts of ``mask`` that hold a positive click or overlap the class as it was: a new blob
     elsewhere in the window is no answer to these clicks."""
@@ -225,8 +238,8 @@ def keep_clicked_parts(mask: np.ndarray, before: np.ndarray, positive: Sequence[
         return mask if (mask & before).any() else np.zeros_like(mask)
     keep = set(np.unique(cc[mask & before]).tolist())
     for p in positive:
-        q = tuple(int(c) for c in np.asarray(p) - start)
-        if all(0 <= c < s for c, s in zip(q, mask.shape)) and cc[q]:
+        q = _local(p, start, mask.shape)
+        if q is not None and cc[q]:
             keep.add(int(cc[q]))
     keep.discard(0)
     return np.isin(cc, sorted(keep)) if keep else np.zeros_like(mask)
@@ -242,14 +255,11 @@ def merge_window(window_label: np.ndarray, cls: int, mask: np.ndarray, positive:
     """
     out = window_label.copy()
     mask = mask.copy()
-    for p in positive:
-        q = tuple(int(c) for c in np.asarray(p) - start)
-        if all(0 <= c < s for c, s in zip(q, mask.shape)):
-            mask[q] = True
-    for p in negative:
-        q = tuple(int(c) for c in np.asarray(p) - start)
-        if all(0 <= c < s for c, s in zip(q, mask.shape)):
-            mask[q] = False
+    for points, value in ((positive, True), (negative, False)):
+        for p in points:
+            q = _local(p, start, mask.shape)
+            if q is not None:
+                mask[q] = value
     was = out == cls
     lost = was & ~mask
     if lost.any():
@@ -366,4 +376,4 @@ def simulate_click(truth: np.ndarray, pred: np.ndarray, exclude: np.ndarray | No
 
 
 __all__ = ["BASE_CHANNELS", "ClickModel", "ClickNet", "Orienter", "Window", "build_click_network", "encode", "heat_map",
-           "in_channels", "keep_clicked_parts", "logits_to_mask", "merge_window", "simulate_click", "window_for"]
+           "in_channels", "keep_clicked_parts", "stack_channels", "logits_to_mask", "merge_window", "simulate_click", "window_for"]

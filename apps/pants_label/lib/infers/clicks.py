@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,11 +29,12 @@ from lib.core.click_config import ClickConfig
 from lib.core.errors import unprocessable
 from lib.core.identity import reader_of
 from lib.core.labelmap import LabelMap
+from lib.core.lru import LRU
 from lib.imaging.volume_cache import VolumeCache
 from lib.imaging.volume_io import Volume, load_volume, write_label_fast
 from lib.model.clicks import ClickModel
 from lib.model.segmenter import Segmenter
-from lib.infers.request_args import image_and_suffix
+from lib.infers.request_args import answer_file, image_and_suffix
 from lib.infers.click_params import ClickRequest, check_click_params
 
 logger = logging.getLogger(__name__)
@@ -58,32 +57,11 @@ class ClickState:
     done: dict[int, tuple[frozenset, frozenset, tuple]] = field(default_factory=dict)
 
 
-class ClickStates:
-    """Current labels per scan (LRU, few: each is a whole label map)."""
+class ClickStates(LRU[str, ClickState]):
+    """Current labels per reader and scan (few: each is a whole label map)."""
 
     def __init__(self, max_items: int = 4) -> None:
-        self.max_items = max_items
-        self._items: OrderedDict[str, ClickState] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: str) -> ClickState | None:
-        with self.lock:
-            st = self._items.get(key)
-            if st is not None:
-                self._items.move_to_end(key)
-            return st
-
-    def put(self, key: str, state: ClickState) -> ClickState:
-        with self.lock:
-            self._items[key] = state
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-        return state
-
-    def drop(self, key: str) -> None:
-        with self.lock:
-            self._items.pop(key, None)
+        super().__init__(max_items)
 
 
 def _key(path: str, request: dict[str, Any] | None) -> str:
@@ -206,9 +184,7 @@ class PanTSClicks(InferTask):
             corrected = self._apply(clicks, vol, state)
             lat["correct"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
-            fd, out = tempfile.mkstemp(suffix=suffix, prefix="pants_clicks_")
-            os.close(fd)
-            write_label_fast(state.label, vol.affine, out)
+            out = answer_file(state.label, vol.affine, suffix, "pants_clicks_", write_label_fast)
             lat["write"] = round(time.perf_counter() - t, 3)
         lat["total"] = round(time.perf_counter() - t0, 3)
         logger.info(f"clicks {os.path.basename(image)}: {corrected} from {state.source} {lat}")

@@ -1,11 +1,16 @@
-"""The request fields every PanTS infer task reads the same way: the image and the answer's format."""
+"""What every PanTS infer task does the same way: read the image and the answer's format from the
+request, and write the answer file."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
 
 from lib.core.errors import bad_request
-from lib.imaging.volume_io import result_suffix
+from lib.imaging.volume_io import result_suffix, write_label
 
 
 def image_and_suffix(request: dict[str, Any]) -> tuple[str, str]:
@@ -26,4 +31,13 @@ def image_and_suffix(request: dict[str, Any]) -> tuple[str, str]:
     return image, suffix
 
 
-__all__ = ["image_and_suffix"]
+def answer_file(label: np.ndarray, affine: np.ndarray, suffix: str, prefix: str,
+                write: Callable[[np.ndarray, np.ndarray, str], Any] = write_label) -> str:
+    """A new temporary file (MONAI Label sends it, then deletes it) holding ``label`` as ``suffix``."""
+    fd, out = tempfile.mkstemp(suffix=suffix, prefix=prefix)
+    os.close(fd)
+    write(label, affine, out)
+    return out
+
+
+__all__ = ["answer_file", "image_and_suffix"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -14,12 +13,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.core.errors import unprocessable
 from lib.core.labelmap import LabelMap
-from lib.infers.request_args import image_and_suffix
+from lib.infers.request_args import answer_file, image_and_suffix
 from lib.model.model_store import ModelStore
 from lib.model.pancreas_stage import SecondStage
 from lib.model.segmenter import Segmenter
 from lib.imaging.volume_cache import VolumeCache
-from lib.imaging.volume_io import load_volume, write_label
+from lib.imaging.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +121,7 @@ class PanTSSegmentation(InferTask):
             self.on_result(image, label, request)
 
         t = time.perf_counter()
-        fd, out = tempfile.mkstemp(suffix=suffix, prefix="pants_seg_")
-        os.close(fd)
-        write_label(label, vol.affine, out)
+        out = answer_file(label, vol.affine, suffix, "pants_seg_")
         latencies["write"] = round(time.perf_counter() - t, 3)
         latencies["total"] = round(time.perf_counter() - t0, 3)
         logger.info(f"infer {os.path.basename(image)} {vol.array.shape}: {latencies}")

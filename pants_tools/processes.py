@@ -1,5 +1,5 @@
 """Small helpers for the local services tools and tests start: a free loopback port, waiting
-until a process answers, stopping it."""
+until a process answers, its peak memory, stopping it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peak_rss_gb(pid: int) -> float:
+    """A running process's peak resident memory (``VmHWM``) in GB; NaN when it cannot be read."""
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:

@@ -54,6 +54,8 @@ from lib.core.click_config import load_click_config  # noqa: E402
 from lib.core.labelmap import load_labelmap  # noqa: E402
 from lib.core.settings import load_segmentation_config  # noqa: E402
 from lib.model.clicks import ClickModel, simulate_click  # noqa: E402
+from lib.model.metrics import dice  # noqa: E402
+from pants_tools.processes import peak_rss_gb  # noqa: E402
 from lib.model.segmenter import Segmenter  # noqa: E402
 from train_click_model import phantom_volume  # noqa: E402
 
@@ -61,11 +63,6 @@ DEMO = REPO / "apps" / "pants_label" / "demo_model"
 CLASSES = ("pancreatic_lesion", "pancreas_head", "pancreas_body", "pancreas_tail", "pancreatic_duct")
 REPORT_AT = (0, 1, 3, 5, 10)
 TARGET = 0.85
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
 def _box(mask: np.ndarray, pad: int = 2) -> tuple[slice, ...] | None:
@@ -133,13 +130,6 @@ def bench_inprocess(args: argparse.Namespace) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
-def vm_hwm_gb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def bench_server(args: argparse.Namespace, work: Path) -> dict:
     """Clicks through the real server on a 512 x 512 x 300 phantom."""
     from monailabel.client import MONAILabelClient
@@ -172,7 +162,7 @@ def bench_server(args: argparse.Namespace, work: Path) -> dict:
         seg_s = time.perf_counter() - t
         cur = np.asarray(nib.load(out).dataobj) == lm.id_of("pancreatic_lesion")
         os.unlink(out)
-        seg_hwm = vm_hwm_gb(server.proc.pid)
+        seg_hwm = peak_rss_gb(server.proc.pid)
         Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # peak RSS from here on: the clicks'
         lesion, background, rows = [], [], []
         for k in range(args.server_clicks):
@@ -194,7 +184,7 @@ def bench_server(args: argparse.Namespace, work: Path) -> dict:
             print(f"  click {k + 1}: {wall:.2f} s request to answer, server {res['latencies']}, "
                   f"lesion DSC {rows[-1]['lesion_dsc']:.2f}", flush=True)
         return {"segmentation_s": round(seg_s, 2), "hwm_after_segmentation_gb": round(seg_hwm, 2),
-                "clicks_peak_rss_gb": round(vm_hwm_gb(server.proc.pid), 2), "clicks": rows,
+                "clicks_peak_rss_gb": round(peak_rss_gb(server.proc.pid), 2), "clicks": rows,
                 "shape": list(args.server_shape)}
     finally:
         server.stop()

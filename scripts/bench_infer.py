@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import psutil  # noqa: E402
 
 from server import Server  # noqa: E402
+from pants_tools.processes import peak_rss_gb  # noqa: E402
 
 SIZES = {"full": ((512, 512, 300), (0.8, 0.8, 1.25)), "half": ((256, 256, 150), (1.6, 1.6, 2.5))}
 
@@ -87,13 +88,6 @@ def peer_app(work: Path) -> tuple[Path, Path]:
     return app, shim
 
 
-def vm_hwm_gb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def run_one(server: Server, image: str, model: str, params: dict, cap_gb: float, timeout: float) -> dict:
     """One infer request; watches the server's RSS and stops it past ``cap_gb``."""
     from monailabel.client import MONAILabelClient
@@ -133,7 +127,7 @@ def run_one(server: Server, image: str, model: str, params: dict, cap_gb: float,
             result["error"] = f"stopped: no answer after {timeout:g} s"
             break
     wall = time.perf_counter() - t0
-    hwm = vm_hwm_gb(server.proc.pid) if server.proc.poll() is None else peak
+    hwm = peak_rss_gb(server.proc.pid) if server.proc.poll() is None else peak
     if hwm != hwm:  # nan: a process just killed has no VmHWM left; the sampled peak stands
         hwm = peak
     lat = (result.get("params") or {}).get("latencies", {})

@@ -39,6 +39,7 @@ from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
 from lib.model.click_training import ClickCase, ClickCaseCache, fit_clicks, make_sample
 from lib.model.clicks import build_click_network
 from lib.model.engine import publishable
+from lib.model.metrics import dice
 from lib.model.precision import describe as describe_precision, resolve_cpu_bf16
 from lib.model.model_card import code_version, device_description
 from lib.model.model_store import ModelStore, read_json, write_json_atomic
@@ -209,10 +210,8 @@ class PanTSClickTrain(TrainTask):
                 continue
             x, y = sample
             with torch.no_grad():
-                pred = (net(x[None])[0] > 0).float()
-            inter = float((pred * y).sum())
-            den = float(pred.sum() + y.sum())
-            dices.append(1.0 if den == 0 else 2 * inter / den)
+                pred = net(x[None])[0] > 0
+            dices.append(dice(pred.numpy(), y.numpy() > 0))
         return float(np.mean(dices)) if dices else 0.0
 
 

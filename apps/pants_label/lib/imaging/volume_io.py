@@ -160,10 +160,10 @@ def _write_nrrd(label: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nrrd.write(str(path), np.ascontiguousarray(label.astype(np.uint8, copy=False)), header, index_order="F")
 
 
-def _gzip_bytes(data: memoryview, level: int) -> list[bytes]:
-    """``data`` as one gzip member (zlib writes the header and the CRC)."""
+def _gzip_bytes(parts: list[bytes | memoryview], level: int) -> list[bytes]:
+    """``parts``, one after the other, as one gzip member (zlib writes the header and the CRC)."""
     comp = zlib.compressobj(level, zlib.DEFLATED, 31)
-    return [comp.compress(data), comp.flush()]
+    return [*(comp.compress(p) for p in parts), comp.flush()]
 
 
 def _f_order_bytes(label: np.ndarray) -> memoryview:
@@ -190,7 +190,7 @@ def write_label_fast(label: np.ndarray, affine: np.ndarray, path: str | os.PathL
             "kinds: domain domain domain\nencoding: gzip\n"
             f"space origin: {vec(lps[:3, 3])}\n\n"
         ).encode()
-        chunks = [header, *_gzip_bytes(data, level)]
+        chunks = [header, *_gzip_bytes([data], level)]
     else:
         img = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine)
         img.set_qform(affine, code=1)
@@ -201,8 +201,7 @@ def write_label_fast(label: np.ndarray, affine: np.ndarray, path: str | os.PathL
         hdr["vox_offset"] = 352
         head = hdr.binaryblock + b"\0" * 4  # no extensions
         if path.name.endswith(".gz"):
-            comp = zlib.compressobj(level, zlib.DEFLATED, 31)
-            chunks = [comp.compress(head), comp.compress(data), comp.flush()]
+            chunks = _gzip_bytes([head, data], level)
         else:
             chunks = [head, bytes(data)]
 

@@ -115,3 +115,33 @@ def test_cpu_overrides_apply_on_cpu_only() -> None:
     assert t.for_device("cuda").learning_rate == 2e-4
     with pytest.raises(ValueError, match="multiple of 8"):
         CpuTraining(patch_size=(60, 64, 64))
+
+
+def _rare_lesion_cases(n: int = 10) -> list[CachedCase]:
+    """n scans with one organ (class 1); only the first holds a lesion (class 27)."""
+    cases = []
+    for k in range(n):
+        label = np.zeros((20, 20, 20), dtype=np.uint8)
+        label[2:18, 2:18, 2:18] = 1
+        if k == 0:
+            label[9:11, 9:11, 9:11] = 27
+        centres = {int(c): np.argwhere(label == c).astype(np.int16) for c in np.unique(label)}
+        cases.append(CachedCase(f"case{k}", np.zeros(label.shape, np.float16), label, centres))
+    return cases
+
+
+@pytest.mark.parametrize("order, lo, hi", [("scan_first", 0.0, 0.12), ("class_first", 0.35, 0.45)])
+def test_crop_order_sets_how_often_a_rare_class_is_centred(order: str, lo: float, hi: float) -> None:
+    # Weights organ 1, lesion 1, background 0.5. scan_first: the lesion scan is drawn 1 time in 10
+    # and then its lesion 1 time in 2.5 (4%); class_first: the lesion 1 time in 2.5 (40%).
+    sampler = CropSampler(_rare_lesion_cases(), (2, 2, 2), {27: 1.0}, background_weight=0.5, seed=0, order=order)
+    hits = 0
+    for _ in range(2000):
+        case, centre = sampler._draw()
+        hits += int(case.label[tuple(centre)] == 27)
+    assert lo <= hits / 2000 <= hi
+
+
+def test_an_unknown_crop_order_is_refused() -> None:
+    with pytest.raises(ValueError, match="crop order 'lesion_first'"):
+        CropSampler(_rare_lesion_cases(2), (2, 2, 2), {}, background_weight=1.0, order="lesion_first")

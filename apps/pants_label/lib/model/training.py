@@ -136,6 +136,12 @@ def split_train_val(
 # ---- class-aware crops ------------------------------------------------------------------------
 
 
+#: scan_first: a scan uniformly, then a class present in it by weight (a class's share of crops
+#: follows its share of scans); class_first: a class by weight, then a scan that holds it (a lesion
+#: in 1 scan of 10 is drawn as often as one in every scan).
+CROP_ORDERS = ("scan_first", "class_first")
+
+
 class CropSampler:
     """Draws (image, label) patches whose centres are chosen by class weight.
 
@@ -149,10 +155,37 @@ class CropSampler:
         class_weights: dict[int, float],
         background_weight: float,
         seed: int = 0,
+        order: str = "scan_first",
     ) -> None:
-        self.cases, self.patch = cases, patch
+        if order not in CROP_ORDERS:
+            raise ValueError(f"crop order {order!r}: expected one of {', '.join(CROP_ORDERS)}")
+        self.cases, self.patch, self.order = cases, patch, order
         self.class_weights, self.background_weight = class_weights, background_weight
         self.rng = np.random.default_rng(seed)
+        # class_first: the scans that hold each class, so a class is drawn however few scans show it
+        self._holders: dict[int, list[int]] = {}
+        for k, case in enumerate(cases):
+            for c, pts in case.centres.items():
+                if c != 0 and len(pts):
+                    self._holders.setdefault(c, []).append(k)
+        self._classes = sorted(self._holders)
+
+    def _draw(self) -> tuple[CachedCase, np.ndarray]:
+        """One crop's scan and centre voxel."""
+        if self.order == "scan_first":
+            case = self.cases[int(self.rng.integers(len(self.cases)))]
+            return case, self._centre(case)
+        # class_first: class by weight over the labelled set, then a scan that holds it
+        ids = [*self._classes, -1]
+        w = np.asarray([self.class_weights.get(c, 1.0) for c in self._classes] + [self.background_weight])
+        choice = ids[int(self.rng.choice(len(ids), p=w / w.sum()))] if w.sum() > 0 else -1
+        if choice == -1:
+            case = self.cases[int(self.rng.integers(len(self.cases)))]
+            return case, np.array([self.rng.integers(0, s) for s in case.image.shape])
+        holders = self._holders[choice]
+        case = self.cases[holders[int(self.rng.integers(len(holders)))]]
+        pts = case.centres[choice]
+        return case, pts[self.rng.integers(len(pts))].astype(np.int64)
 
     def _centre(self, case: CachedCase) -> np.ndarray:
         ids = [c for c in case.centres if c != 0 and len(case.centres[c])]
@@ -173,8 +206,8 @@ class CropSampler:
         y = torch.empty((batch_size, 1, *self.patch), dtype=torch.int64)
         xs, ys = x.numpy(), y.numpy()  # crops are written straight into the batch: no stacking copies
         for b in range(batch_size):
-            case = self.cases[int(self.rng.integers(len(self.cases)))]
-            crop(case.image, case.label, self._centre(case), self.patch, out=(xs[b, 0], ys[b, 0]))
+            case, centre = self._draw()
+            crop(case.image, case.label, centre, self.patch, out=(xs[b, 0], ys[b, 0]))
             # Mild intensity jitter: centers differ in scanner calibration and noise.
             scale, shift = self.rng.uniform(0.9, 1.1), self.rng.uniform(-0.05, 0.05)
             xs[b, 0] *= scale

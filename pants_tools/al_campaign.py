@@ -17,6 +17,8 @@ import csv
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from lib.model.segmenter import Segmenter
 from lib.core.settings import SegmentationConfig
 from lib.activelearning.strategies import make_strategies
 from lib.trainers.segmentation import PanTSTrain
+from lib.imaging.metadata import find_metadata, read_metadata
 from lib.imaging.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class CampaignSpec:
     al_cfg: ActiveLearningConfig
     train_request: dict[str, Any]
     device: str = "cpu"
+    start_weights: Path | None = None  # served before round 0 (pants_tools.al_start_model); None: random
 
     @property
     def folder(self) -> Path:
@@ -107,9 +111,11 @@ def evaluate(ds: PanTSDatastore, seg: Segmenter, lm: LabelMap) -> dict[str, floa
     }
 
 
-def _has_lesion(ds: PanTSDatastore, image_id: str) -> bool:
-    meta = ds.get_metadata(image_id)
-    return bool(meta.get("tumor"))
+def lesion_scans(pool: Path) -> set[str]:
+    """Tumour-positive scans by the pool's metadata file, read once (the simulator's ground truth:
+    the datastore's copy of the metadata may lag a pool written moments before)."""
+    path = find_metadata(pool)
+    return {cid for cid, m in read_metadata(path).items() if m.tumor} if path else set()
 
 
 def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None) -> list[dict[str, str]]:
@@ -119,6 +125,7 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     rows_path = folder / "rounds.csv"
     rows = read_rows(rows_path)
     lm = load_labelmap()
+    lesion_ids = lesion_scans(spec.pool)
     ds = PanTSDatastore(spec.pool, state_dir=folder / "state", hide_imported_labels=True, labelmap=lm)
     rng = np.random.default_rng(spec.seed)
     pool = sorted(ds.images_in_split("train"))
@@ -134,6 +141,12 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
 
     cfg = spec.seg_cfg.model_copy(update={"training": spec.seg_cfg.training.model_copy(update={"seed": spec.seed})})
     model_dir = folder / "model"
+    served = model_path(model_dir, spec.preset)
+    if spec.start_weights is not None and not rows and not served.exists():
+        served.parent.mkdir(parents=True, exist_ok=True)
+        tmp = served.with_suffix(".tmp")
+        shutil.copyfile(spec.start_weights, tmp)
+        os.replace(tmp, served)
     trainer = PanTSTrain(cfg, lm, spec.preset, model_dir, spec.device)
     seg = Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device)
     scorer = PanTSScoring(Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device), spec.al_cfg)
@@ -163,7 +176,7 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
         row = {
             "strategy": spec.strategy, "seed": spec.seed, "round": rnd, "labels": len(labelled),
             **{k: round(v, 5) for k, v in metrics.items()},
-            "lesion_scans_labelled": sum(_has_lesion(ds, i) for i in labelled),
+            "lesion_scans_labelled": len(lesion_ids.intersection(labelled)),
             "published": bool(res.get("published")),
             "train_s": round(train_s, 1), "score_s": round(score_s, 1), "select_s": round(select_s, 3),
             "selected": json.dumps(selected),

@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="network width for the simulation (0: presets.yaml); smaller is faster")
     ap.add_argument("--patch", type=int, nargs=3, default=None,
                     help="training patch for the simulation (default: presets.yaml, capped at the image)")
+    ap.add_argument("--start-model", type=int, default=0, metavar="N",
+                    help="campaigns start from a model trained once on N other phantoms (another seed, the "
+                         "five default centers, --start-lesion-share with a tumour), as a site starts from the "
+                         "app's shipped model; 0: from random weights")
+    ap.add_argument("--start-seed", type=int, default=1000, help="phantom seed of the start model's set")
+    ap.add_argument("--start-lesion-share", type=float, default=0.5, help="share of its scans with a tumour")
+    ap.add_argument("--start-epochs", type=int, default=8)
+    ap.add_argument("--start-iterations", type=int, default=300)
+    ap.add_argument("--crop-order", choices=["scan_first", "class_first"], default=None,
+                    help="training crops: a scan then a class in it, or a class then a scan holding it "
+                         "(default: presets.yaml)")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="campaigns run in parallel (torch threads split between them)")
@@ -96,6 +107,8 @@ def _specs(args: argparse.Namespace) -> list:
     seg_cfg = load_segmentation_config()
     if args.init_filters:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
+    if args.crop_order:
+        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"crop_order": args.crop_order})})
     if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
         try:
             dump = seg_cfg.training.model_dump()
@@ -107,10 +120,24 @@ def _specs(args: argparse.Namespace) -> list:
         seg_cfg = seg_cfg.model_copy(update={"training": training})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
-                  device=args.device)
+                  device=args.device, start_weights=_start_weights_path(args) if args.start_model else None)
     names = list(args.strategies) + ([] if args.no_full else ["full"])
     # seeds outermost: partial results cover every strategy early
     return [CampaignSpec(strategy=s, seed=seed, **common) for seed in args.seeds for s in names]
+
+
+def _start_spec(args: argparse.Namespace):
+    from pants_tools.al_start_model import StartModelSpec
+
+    return StartModelSpec(n=args.start_model, seed=args.start_seed, lesion_share=args.start_lesion_share,
+                          shape=tuple(args.shape), spacing_mm=tuple(args.spacing), epochs=args.start_epochs,
+                          iterations=args.start_iterations, lr=args.lr)
+
+
+def _start_weights_path(args: argparse.Namespace) -> Path:
+    from lib.model.model_store import model_path
+
+    return model_path(args.out / "start_model" / "model", args.preset)
 
 
 def _run_one(spec, threads: int) -> int:
@@ -207,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     specs = _specs(args)  # settings errors stop the run before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
     _make_pool(args, cohort)
+    if args.start_model:
+        import torch
+
+        from pants_tools.al_start_model import train_start_model
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(f"start model: {args.start_model} phantoms (seed {args.start_seed}), "
+              f"{args.start_epochs} x {args.start_iterations} steps", flush=True)
+        train_start_model(args.out / "start_model", _start_spec(args), specs[0].seg_cfg, args.preset,
+                          args.pool, args.device)
     total = sum(s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     bar = tqdm(total=total, desc="rounds", unit="round", initial=_count_rows(specs))

@@ -84,3 +84,22 @@ def test_cohort_pool_clasp_and_seed_set(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="other settings .*phantom_seed"):
         simulate_al.main(["--out", str(out), *COHORT_ARGS, "--phantom-seed", "1"])
     assert simulate_al.SEED_SETS == {"tuning": [0, 1, 2], "unseen": [3, 4, 5]}
+
+
+def test_campaigns_start_from_one_start_model(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    start = ["--start-model", "4", "--start-epochs", "1", "--start-iterations", "1", "--start-lesion-share", "0.5"]
+    args = [*ARGS[:-1], "1", "--rounds", "1", "--no-full", "--crop-order", "class_first", *start]
+    assert simulate_al.main(["--out", str(out), *args]) == 0
+    folder = out / "start_model"
+    spec = json.loads((folder / "start_spec.json").read_text())
+    assert spec["n"] == 4 and spec["seed"] == 1000 and spec["training"]["crop_order"] == "class_first"
+    meta = _rows(folder / "data" / "metadata.csv")
+    assert [m["tumor"] for m in meta].count("yes") == 2  # the forced share, spread evenly
+    assert set(json.loads((folder / "start_model.json").read_text())["test"]) >= {"mean_dsc", "lesion_dsc"}
+    # round 0 fine-tuned the start weights: the campaign's store has them as its first version
+    stats = json.loads((out / "runs" / "hybrid_s1" / "model" / "train_stats_fast.json").read_text())
+    assert stats["baseline_metric"] is not None
+    # another start set is refused, not mixed in
+    with pytest.raises(SystemExit, match="start model was made with other settings .*seed"):
+        simulate_al.main(["--out", str(out), *args, "--start-seed", "5"])

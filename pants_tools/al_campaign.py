@@ -300,8 +300,10 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc", "lesion_auc")) -> Path:
-    """Learning curves per strategy: mean over seeds, band = min..max over seeds; full pool dashed."""
+def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc", "lesion_auc"),
+                start: dict[str, float] | None = None) -> Path:
+    """Learning curves per strategy: mean over seeds, band = min..max over seeds; full pool dashed;
+    ``start``: the start model's test values (grey), where campaigns began."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,6 +332,8 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
             ax.axhline(ref, ls="--", color="k", lw=1, label="full pool")
             if m != "lesion_auc":
                 ax.axhline(0.95 * ref, ls=":", color="k", lw=1, label="95% of full pool")
+        if start and m in start and math.isfinite(start[m]):
+            ax.axhline(start[m], ls="-.", color="0.5", lw=1, label="start model")
         ax.set_title(titles.get(m, m))
         ax.set_xlabel("labelled scans")
         ax.grid(alpha=0.3)

@@ -19,7 +19,11 @@ carry its name (al_summary_unseen.csv, ...), so tuning and unseen seeds share on
 tumour prevalence and volume, ten unequal centers, physical scale); the pool's settings are
 recorded in POOL/pool_spec.json and a rerun with other settings is refused.
 
-Example (the README result; about 65 min on 2 CPU cores):
+--start-model N trains one model on N other phantoms first (another seed, other centers, more
+tumours) and starts every campaign from it, as a site starts from the app's shipped model
+(pants_tools/al_start_model.py); the PanTS-cohort comparison in README uses it.
+
+Example (the README's small-pool result; about 65 min on 2 CPU cores):
   python scripts/simulate_al.py --out out/al_sim --make-phantoms 88 --n-test 24 --shape 40 40 32 \\
       --spacing 3 3 3 --init-filters 8 --patch 32 32 32 --epochs 2 --iterations 120 --lr 3e-3 \\
       --rounds 6 --initial 4 --batch 4 --strategies hybrid random random_fg --seeds 0 1 2 --jobs 2
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--start-lesion-share", type=float, default=0.5, help="share of its scans with a tumour")
     ap.add_argument("--start-epochs", type=int, default=8)
     ap.add_argument("--start-iterations", type=int, default=300)
+    ap.add_argument("--start-lr", type=float, default=3e-3, help="its learning rate (campaigns fine-tune with --lr)")
     ap.add_argument("--crop-order", choices=["scan_first", "class_first"], default=None,
                     help="training crops: a scan then a class in it, or a class then a scan holding it "
                          "(default: presets.yaml)")
@@ -131,7 +136,7 @@ def _start_spec(args: argparse.Namespace):
 
     return StartModelSpec(n=args.start_model, seed=args.start_seed, lesion_share=args.start_lesion_share,
                           shape=tuple(args.shape), spacing_mm=tuple(args.spacing), epochs=args.start_epochs,
-                          iterations=args.start_iterations, lr=args.lr)
+                          iterations=args.start_iterations, lr=args.start_lr)
 
 
 def _start_weights_path(args: argparse.Namespace) -> Path:
@@ -279,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         w.writeheader()
         w.writerows(summary)
     (args.out / f"al_table{suffix}.md").write_text(markdown_table(summary, args.seeds))
-    plot_curves(rows, args.out / f"al_curves{suffix}.png")
+    from pants_tools.al_start_model import start_model_summary
+
+    start = start_model_summary(args.out / "start_model") if args.start_model else None
+    plot_curves(rows, args.out / f"al_curves{suffix}.png", start=(start or {}).get("test"))
+    if start:
+        print(f"start model on the test split: {start['test']}")
     rnd = next((r for r in summary if r["strategy"] == "random"), None)
 
     def fmt(v: float) -> str:

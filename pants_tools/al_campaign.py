@@ -118,6 +118,28 @@ def lesion_scans(pool: Path) -> set[str]:
     return {cid for cid, m in read_metadata(path).items() if m.tumor} if path else set()
 
 
+def _snapshot(folder: Path, rnd: int) -> Path:
+    """The served weights as round ``rnd`` left them."""
+    return folder / f"model_after_round_{rnd}.pt"
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _restore_served(served: Path, weights: Path | None) -> None:
+    """Serve ``weights`` (None: nothing, the campaign starts from random weights)."""
+    if weights is None:
+        served.unlink(missing_ok=True)
+    elif not Path(weights).is_file():  # a run from before snapshots were kept: go on as it was
+        logger.warning("no %s: resuming with the served model as it is", weights)
+    elif not served.exists() or served.read_bytes() != Path(weights).read_bytes():
+        _copy_atomic(Path(weights), served)
+
+
 def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None) -> list[dict[str, str]]:
     """Run (or resume) one campaign; returns its rows."""
     folder = spec.folder
@@ -142,11 +164,9 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     cfg = spec.seg_cfg.model_copy(update={"training": spec.seg_cfg.training.model_copy(update={"seed": spec.seed})})
     model_dir = folder / "model"
     served = model_path(model_dir, spec.preset)
-    if spec.start_weights is not None and not rows and not served.exists():
-        served.parent.mkdir(parents=True, exist_ok=True)
-        tmp = served.with_suffix(".tmp")
-        shutil.copyfile(spec.start_weights, tmp)
-        os.replace(tmp, served)
+    # A run killed after a round's training but before its row would otherwise go on from that
+    # round's model: serve what the last finished round left (or the start), as if never killed.
+    _restore_served(served, _snapshot(folder, len(rows) - 1) if rows else spec.start_weights)
     trainer = PanTSTrain(cfg, lm, spec.preset, model_dir, spec.device)
     seg = Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device)
     scorer = PanTSScoring(Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device), spec.al_cfg)
@@ -182,7 +202,9 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
             "selected": json.dumps(selected),
         }
         ds.reveal_imported_many(selected)
+        _copy_atomic(served, _snapshot(folder, rnd))  # before the row: a finished round always has one
         _append_row(rows_path, row)
+        _snapshot(folder, rnd - 1).unlink(missing_ok=True)
         rows.append({k: str(v) for k, v in row.items()})
         if on_round:
             on_round()

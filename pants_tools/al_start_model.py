@@ -5,7 +5,8 @@ app ships, trained elsewhere. The simulator plays that part with a model trained
 separate phantom set. It differs from the campaign pool the way a public dataset differs from a
 site's own scans:
 - other anatomy (another phantom seed);
-- other scanners: the five default phantom centers, not the cohort's ten;
+- other scanners and phases: its own cohort file (default ``configs/cohort_public_venous.yaml``:
+  portal-venous only, like the public pancreas sets, where PanTS is 45% non-contrast);
 - more tumours: a fixed share of its scans hold one, as in public tumour sets (MSD pancreas: all).
 
 Every campaign and the full-pool reference of a simulation start from these weights, so they
@@ -22,12 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lib.core.labelmap import load_labelmap
 from lib.core.settings import SegmentationConfig
 from lib.datastore.pants import PanTSDatastore
 from lib.model.model_store import model_path, write_json_atomic
 from lib.model.segmenter import Segmenter
 from lib.trainers.segmentation import PanTSTrain
+from pants_tools.cohort import load_cohort
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ class StartModelSpec:
     epochs: int
     iterations: int
     lr: float
+    cohort: str  # cohort spec file of its phantoms
+    cohort_sha256: str
 
     def lesions(self) -> dict[int, bool]:
         """Case index -> tumour, spread evenly: every k-th scan holds one."""
@@ -63,9 +69,11 @@ def _check_spec(path: Path, spec: StartModelSpec, recipe: dict[str, Any]) -> Non
 
 
 def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationConfig, preset: str,
-                      test_pool: Path, device: str = "cpu") -> Path:
+                      test_pool: Path, device: str = "cpu", threads: int | None = None) -> Path:
     """Make the phantom set, train the start model once, score it on ``test_pool``'s test split;
-    return its weights. Resumable: finished steps are kept."""
+    return its weights. Resumable: finished steps are kept. ``threads``: torch threads to use."""
+    if threads:
+        torch.set_num_threads(threads)
     from pants_tools.al_campaign import evaluate
     from pants_tools.phantom import write_pants_tree
 
@@ -78,7 +86,7 @@ def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationC
         return weights
     data = folder / "data"
     write_pants_tree(data, spec.n, shape=spec.shape, spacing=spec.spacing_mm, seed=spec.seed, n_test=0,
-                     progress=True, lesions=spec.lesions())
+                     progress=True, lesions=spec.lesions(), cohort=load_cohort(spec.cohort))
     lm = load_labelmap()
     cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"seed": spec.seed})})
     ds = PanTSDatastore(data, state_dir=folder / "state", labelmap=lm)

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "five default centers, --start-lesion-share with a tumour), as a site starts from the "
                          "app's shipped model; 0: from random weights")
     ap.add_argument("--start-seed", type=int, default=1000, help="phantom seed of the start model's set")
+    ap.add_argument("--start-cohort", type=Path, default=Path("configs/cohort_public_venous.yaml"), metavar="YAML",
+                    help="cohort spec of the start model's phantoms (centers, phases, tumour volume)")
     ap.add_argument("--start-lesion-share", type=float, default=0.5, help="share of its scans with a tumour")
     ap.add_argument("--start-epochs", type=int, default=8)
     ap.add_argument("--start-iterations", type=int, default=300)
@@ -132,9 +134,20 @@ def _specs(args: argparse.Namespace) -> list:
 
 
 def _start_spec(args: argparse.Namespace):
-    from pants_tools.al_start_model import StartModelSpec
+    import hashlib
 
-    return StartModelSpec(n=args.start_model, seed=args.start_seed, lesion_share=args.start_lesion_share,
+    from lib.core.errors import ConfigError
+    from pants_tools.al_start_model import StartModelSpec
+    from pants_tools.cohort import REPO_ROOT, load_cohort
+
+    # the default is named from the checkout, so the command works from any folder
+    path = (args.start_cohort if args.start_cohort.is_file() else REPO_ROOT / args.start_cohort).resolve()
+    try:
+        load_cohort(path)
+    except (ConfigError, OSError) as err:
+        raise SystemExit(f"--start-cohort: {err}") from None
+    return StartModelSpec(cohort=str(path), cohort_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                          n=args.start_model, seed=args.start_seed, lesion_share=args.start_lesion_share,
                           shape=tuple(args.shape), spacing_mm=tuple(args.spacing), epochs=args.start_epochs,
                           iterations=args.start_iterations, lr=args.start_lr)
 
@@ -240,15 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _make_pool(args, cohort)
     if args.start_model:
-        import torch
+        print(f"start model: {args.start_model} phantoms (seed {args.start_seed}), "
+              f"{args.start_epochs} x {args.start_iterations} steps", flush=True)
+        import multiprocessing
 
         from pants_tools.al_start_model import train_start_model
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        print(f"start model: {args.start_model} phantoms (seed {args.start_seed}), "
-              f"{args.start_epochs} x {args.start_iterations} steps", flush=True)
-        train_start_model(args.out / "start_model", _start_spec(args), specs[0].seg_cfg, args.preset,
-                          args.pool, args.device)
+        # In a fresh (spawned) process: torch's thread pool must not exist in this one when it forks
+        # the campaigns, and a fork of a process that has one can hang.
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            ex.submit(train_start_model, args.out / "start_model", _start_spec(args), specs[0].seg_cfg, args.preset,
+                      args.pool, args.device, threads=os.cpu_count() or 1).result()
     total = sum(s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     bar = tqdm(total=total, desc="rounds", unit="round", initial=_count_rows(specs))

@@ -94,8 +94,10 @@ def test_campaigns_start_from_one_start_model(tmp_path: Path) -> None:
     folder = out / "start_model"
     spec = json.loads((folder / "start_spec.json").read_text())
     assert spec["n"] == 4 and spec["seed"] == 1000 and spec["training"]["crop_order"] == "class_first"
+    assert spec["cohort"].endswith("cohort_public_venous.yaml")
     meta = _rows(folder / "data" / "metadata.csv")
     assert [m["tumor"] for m in meta].count("yes") == 2  # the forced share, spread evenly
+    assert {m["contrast_phase"] for m in meta} == {"venous"}
     assert set(json.loads((folder / "start_model.json").read_text())["test"]) >= {"mean_dsc", "lesion_dsc"}
     # round 0 fine-tuned the start weights: the campaign's store has them as its first version
     stats = json.loads((out / "runs" / "hybrid_s1" / "model" / "train_stats_fast.json").read_text())
@@ -103,3 +105,22 @@ def test_campaigns_start_from_one_start_model(tmp_path: Path) -> None:
     # another start set is refused, not mixed in
     with pytest.raises(SystemExit, match="start model was made with other settings .*seed"):
         simulate_al.main(["--out", str(out), *args, "--start-seed", "5"])
+
+
+def test_a_round_killed_after_publishing_resumes_from_the_last_finished_round(tmp_path: Path) -> None:
+    from pants_tools.al_campaign import _restore_served, _snapshot
+
+    folder = tmp_path / "runs" / "hybrid_s0"
+    served = folder / "model" / "segresnet_fast.pt"
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"start weights")
+    served.parent.mkdir(parents=True)
+    served.write_bytes(b"round 0 trained, row never written")
+    _restore_served(served, start)  # no finished round: back to the start weights
+    assert served.read_bytes() == b"start weights"
+    _snapshot(folder, 0).write_bytes(b"after round 0")
+    served.write_bytes(b"round 1 trained, row never written")
+    _restore_served(served, _snapshot(folder, 0))
+    assert served.read_bytes() == b"after round 0"
+    _restore_served(served, None)  # a campaign from random weights, killed in round 0
+    assert not served.exists()

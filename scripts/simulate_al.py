@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     rnd = next((r for r in summary if r["strategy"] == "random"), None)
 
     def fmt(v: float) -> str:
-        return "never" if math.isinf(v) else f"{v:.1f}"
+        return "n/a" if math.isnan(v) else "never" if math.isinf(v) else f"{v:.1f}"
 
     print(f"\n{len(specs)} campaigns in {time.time() - t0:.0f} s; labels to reach 95% of the full-pool value "
           "(mean of seeds' curves)")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in ("mean_dsc", "lesion_dsc"):
             a = r[f"labels_to_95pct_{m}"]
             b = rnd[f"labels_to_95pct_{m}"] if rnd else math.nan
-            ratio.append(f"{a / b:.0%}" if rnd and not math.isinf(a) and not math.isinf(b) and b else "-")
+            ratio.append(f"{a / b:.0%}" if rnd and math.isfinite(a) and math.isfinite(b) and b else "-")
         print(f"{r['strategy']:<12} {fmt(r['labels_to_95pct_mean_dsc']):>9} {ratio[0]:>10} "
               f"{fmt(r['labels_to_95pct_lesion_dsc']):>11} {ratio[1]:>10} "
               f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}")

@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from lib.core.al_config import ActiveLearningConfig
+from lib.core.atomic import atomic_write
 from lib.datastore.pants import PanTSDatastore
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.model.metrics import auc_score, lesion_score_from_label, mean_dice
@@ -124,10 +124,7 @@ def _snapshot(folder: Path, rnd: int) -> Path:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _restore_served(served: Path, weights: Path | None) -> None:

@@ -173,31 +173,29 @@ class CropSampler:
     def _draw(self) -> tuple[CachedCase, np.ndarray]:
         """One crop's scan and centre voxel."""
         if self.order == "scan_first":
-            case = self.cases[int(self.rng.integers(len(self.cases)))]
-            return case, self._centre(case)
-        # class_first: class by weight over the labelled set, then a scan that holds it
-        ids = [*self._classes, -1]
-        w = np.asarray([self.class_weights.get(c, 1.0) for c in self._classes] + [self.background_weight])
-        choice = ids[int(self.rng.choice(len(ids), p=w / w.sum()))] if w.sum() > 0 else -1
-        if choice == -1:
-            case = self.cases[int(self.rng.integers(len(self.cases)))]
-            return case, np.array([self.rng.integers(0, s) for s in case.image.shape])
-        holders = self._holders[choice]
-        case = self.cases[holders[int(self.rng.integers(len(holders)))]]
-        pts = case.centres[choice]
-        return case, pts[self.rng.integers(len(pts))].astype(np.int64)
+            case = self._any_case()
+            return case, self._voxel(case, self._pick([c for c in case.centres if c != 0 and len(case.centres[c])]))
+        cls = self._pick(self._classes)  # over the labelled set, then a scan that holds it
+        holders = self._holders.get(cls)
+        case = self.cases[holders[int(self.rng.integers(len(holders)))]] if holders else self._any_case()
+        return case, self._voxel(case, cls)
 
-    def _centre(self, case: CachedCase) -> np.ndarray:
-        ids = [c for c in case.centres if c != 0 and len(case.centres[c])]
+    def _any_case(self) -> CachedCase:
+        return self.cases[int(self.rng.integers(len(self.cases)))]
+
+    def _pick(self, ids: list[int]) -> int:
+        """A class of ``ids`` by its weight, or -1 (background) by ``background_weight``."""
         weights = [self.class_weights.get(c, 1.0) for c in ids]
         if self.background_weight > 0:
-            ids.append(-1)
-            weights.append(self.background_weight)
+            ids, weights = [*ids, -1], [*weights, self.background_weight]
         w = np.asarray(weights, dtype=np.float64)
-        choice = ids[int(self.rng.choice(len(ids), p=w / w.sum()))] if w.sum() > 0 else -1
-        if choice == -1:
+        return ids[int(self.rng.choice(len(ids), p=w / w.sum()))] if w.sum() > 0 else -1
+
+    def _voxel(self, case: CachedCase, cls: int) -> np.ndarray:
+        """A voxel of class ``cls`` in ``case``; -1: any voxel."""
+        if cls == -1:
             return np.array([self.rng.integers(0, s) for s in case.image.shape])
-        pts = case.centres[choice]
+        pts = case.centres[cls]
         return pts[self.rng.integers(len(pts))].astype(np.int64)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ from lib.model.model_store import model_path, write_json_atomic
 from lib.model.segmenter import Segmenter
 from lib.trainers.segmentation import PanTSTrain
 from pants_tools.cohort import load_cohort
+from pants_tools.recorded_settings import refuse_other_settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +58,8 @@ class StartModelSpec:
 
 def _check_spec(path: Path, spec: StartModelSpec, recipe: dict[str, Any]) -> None:
     want = json.loads(json.dumps({**asdict(spec), **recipe}))
-    if path.is_file():
-        have = json.loads(path.read_text())
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise SystemExit(f"{path.parent}: the start model was made with other settings ({', '.join(diff)}); "
-                             "use another --out or the settings in start_spec.json")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, want)
+    if not refuse_other_settings(path, want, f"{path.parent}: the start model", "another --out"):
+        write_json_atomic(path, want)
 
 
 def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationConfig, preset: str,

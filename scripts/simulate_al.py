@@ -208,7 +208,8 @@ def _cohort(args: argparse.Namespace):
 def _make_pool(args: argparse.Namespace, cohort) -> None:
     """Write the phantom pool once; its settings go to pool_spec.json and must match on reruns."""
     import hashlib
-    import json
+
+    from pants_tools.recorded_settings import refuse_other_settings
 
     want = {"n": args.make_phantoms, "n_test": args.n_test, "shape": list(args.shape),
             "spacing_mm": list(args.spacing), "phantom_seed": args.phantom_seed,
@@ -217,12 +218,8 @@ def _make_pool(args: argparse.Namespace, cohort) -> None:
                                                    "sha256": hashlib.sha256(args.cohort.read_bytes()).hexdigest()}}
     spec_file = args.pool / "pool_spec.json"
     if (args.pool / "ImageTr").is_dir():
-        if spec_file.is_file() and args.make_phantoms:
-            have = json.loads(spec_file.read_text())
-            if have != want:
-                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-                raise SystemExit(f"--pool {args.pool} was made with other settings ({', '.join(diff)}); "
-                                 "use another --out/--pool or the settings in pool_spec.json")
+        if args.make_phantoms:
+            refuse_other_settings(spec_file, want, f"--pool {args.pool}", "another --out/--pool")
         if not spec_file.is_file() or not args.make_phantoms:
             return
     if not args.make_phantoms:

@@ -1,0 +1,23 @@
+"""Settings a long simulation records beside what it made (a phantom pool, a start model), so that
+a rerun with other settings is refused instead of mixing two designs in one result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def refuse_other_settings(path: Path, want: dict[str, Any], what: str, alternative: str) -> bool:
+    """Whether ``path`` records settings; ``SystemExit`` naming the keys that differ from ``want``."""
+    if not path.is_file():
+        return False
+    have = json.loads(path.read_text())
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise SystemExit(f"{what} was made with other settings ({', '.join(diff)}); "
+                         f"use {alternative} or the settings in {path.name}")
+    return True
+
+
+__all__ = ["refuse_other_settings"]

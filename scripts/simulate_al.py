@@ -247,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     suffix = f"_{args.seed_set}" if args.seed_set else ""
     cohort = _cohort(args)
     specs = _specs(args)  # settings errors stop the run before anything is written
+    start_spec = _start_spec(args) if args.start_model else None
     args.out.mkdir(parents=True, exist_ok=True)
     _make_pool(args, cohort)
-    if args.start_model:
+    if start_spec is not None:
         print(f"start model: {args.start_model} phantoms (seed {args.start_seed}), "
               f"{args.start_epochs} x {args.start_iterations} steps", flush=True)
         import multiprocessing
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         # In a fresh (spawned) process: torch's thread pool must not exist in this one when it forks
         # the campaigns, and a fork of a process that has one can hang.
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            ex.submit(train_start_model, args.out / "start_model", _start_spec(args), specs[0].seg_cfg, args.preset,
+            ex.submit(train_start_model, args.out / "start_model", start_spec, specs[0].seg_cfg, args.preset,
                       args.pool, args.device, threads=os.cpu_count() or 1).result()
     total = sum(s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))

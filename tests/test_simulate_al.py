@@ -124,3 +124,10 @@ def test_a_round_killed_after_publishing_resumes_from_the_last_finished_round(tm
     assert served.read_bytes() == b"after round 0"
     _restore_served(served, None)  # a campaign from random weights, killed in round 0
     assert not served.exists()
+
+
+def test_a_bad_start_cohort_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    with pytest.raises(SystemExit, match="--start-cohort"):
+        simulate_al.main(["--out", str(out), *ARGS, "--start-model", "4", "--start-cohort", str(tmp_path / "none.yaml")])
+    assert not out.exists()

@@ -165,8 +165,8 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     # round's model: serve what the last finished round left (or the start), as if never killed.
     _restore_served(served, _snapshot(folder, len(rows) - 1) if rows else spec.start_weights)
     trainer = PanTSTrain(cfg, lm, spec.preset, model_dir, spec.device)
-    seg = Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device)
-    scorer = PanTSScoring(Segmenter(cfg, lm, spec.preset, model_path(model_dir, spec.preset), spec.device), spec.al_cfg)
+    seg = Segmenter(cfg, lm, spec.preset, served, spec.device)
+    scorer = PanTSScoring(Segmenter(cfg, lm, spec.preset, served, spec.device), spec.al_cfg)
     strategy = None if spec.strategy == "full" else make_strategies(spec.al_cfg.strategies, seed=spec.seed)[spec.strategy]
     # "full" follows the campaigns' schedule round for round (same warm-started fine-tunes), so its
     # last round differs from theirs only in the labels; one long run instead trained worse.

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--patch", type=int, nargs=3, default=None,
                     help="training patch for the simulation (default: presets.yaml, capped at the image)")
     ap.add_argument("--start-model", type=int, default=0, metavar="N",
-                    help="campaigns start from a model trained once on N other phantoms (another seed, the "
-                         "five default centers, --start-lesion-share with a tumour), as a site starts from the "
+                    help="campaigns start from a model trained once on N other phantoms (--start-seed, "
+                         "--start-cohort, --start-lesion-share with a tumour), as a site starts from the "
                          "app's shipped model; 0: from random weights")
     ap.add_argument("--start-seed", type=int, default=1000, help="phantom seed of the start model's set")
     ap.add_argument("--start-cohort", type=Path, default=Path("configs/cohort_public_venous.yaml"), metavar="YAML",
@@ -152,10 +152,14 @@ def _start_spec(args: argparse.Namespace):
                           iterations=args.start_iterations, lr=args.start_lr)
 
 
+def _start_dir(args: argparse.Namespace) -> Path:
+    return args.out / "start_model"
+
+
 def _start_weights_path(args: argparse.Namespace) -> Path:
     from lib.model.model_store import model_path
 
-    return model_path(args.out / "start_model" / "model", args.preset)
+    return model_path(_start_dir(args) / "model", args.preset)
 
 
 def _run_one(spec, threads: int) -> int:
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         # In a fresh (spawned) process: torch's thread pool must not exist in this one when it forks
         # the campaigns, and a fork of a process that has one can hang.
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            ex.submit(train_start_model, args.out / "start_model", start_spec, specs[0].seg_cfg, args.preset,
+            ex.submit(train_start_model, _start_dir(args), start_spec, specs[0].seg_cfg, args.preset,
                       args.pool, args.device, threads=os.cpu_count() or 1).result()
     total = sum(s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"al_table{suffix}.md").write_text(markdown_table(summary, args.seeds))
     from pants_tools.al_start_model import start_model_summary
 
-    start = start_model_summary(args.out / "start_model") if args.start_model else None
+    start = start_model_summary(_start_dir(args)) if args.start_model else None
     plot_curves(rows, args.out / f"al_curves{suffix}.png", start=(start or {}).get("test"))
     if start:
         print(f"start model on the test split: {start['test']}")

@@ -226,17 +226,44 @@ def labels_to_reach(labels: list[float], values: list[float], target: float) -> 
     return math.inf
 
 
-def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
-    """The full-pool value: each seed's last "full" round (same schedule as the campaigns), averaged."""
+def full_pool_by_seed(rows: list[dict[str, str]], metric: str) -> dict[str, float]:
+    """Each seed's full-pool value: its last "full" round."""
     last: dict[str, dict[str, str]] = {}
     for r in rows:
         if r["strategy"] == "full" and int(r["round"]) >= int(last.get(r["seed"], {"round": -1})["round"]):
             last[r["seed"]] = r
-    return float(np.nanmean([float(r[metric]) for r in last.values()])) if last else math.nan
+    return {seed: float(r[metric]) for seed, r in last.items()}
 
 
-def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc")) -> list[dict[str, Any]]:
-    """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves)."""
+def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
+    """The full-pool value: each seed's last "full" round (same schedule as the campaigns), averaged."""
+    by_seed = full_pool_by_seed(rows, metric)
+    return float(np.nanmean(list(by_seed.values()))) if by_seed else math.nan
+
+
+def gain_shares(campaign: list[dict[str, str]], full_rows: list[dict[str, str]], metric: str,
+                start: float) -> list[float]:
+    """Per seed: the campaign's gain over the start model at its last round, as a share of the same
+    seed's full-pool gain. Paired by seed, so the seeds' common noise cancels; NaN where the full pool
+    gained nothing (no gain to share)."""
+    full = full_pool_by_seed(full_rows, metric)
+    shares = []
+    for seed in sorted({r["seed"] for r in campaign}):
+        mine = [r for r in campaign if r["seed"] == seed]
+        if seed not in full:
+            continue
+        last = max(mine, key=lambda r: int(r["round"]))
+        gain = full[seed] - start
+        shares.append((float(last[metric]) - start) / gain if gain > 0 else math.nan)
+    return shares
+
+
+def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc"),
+              start: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves).
+    With ``start`` (the start model's test values): each seed's gain at the last round as a share of
+    its full pool's gain, the measure that still separates strategies when the start model is
+    already within 95% of the full pool."""
     out = []
     refs = {m: full_pool_reference(rows, m) for m in metrics}
     prevalence = pool_lesion_share(rows)
@@ -267,6 +294,12 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
             rec[f"seeds_reaching_{m}"] = len(reached)
             rec[f"seed_mean_{m}"] = float(np.mean(reached)) if reached else math.inf
             rec[f"seed_sd_{m}"] = float(np.std(reached, ddof=1)) if len(reached) > 1 else math.nan
+            if start is not None and m in start:
+                shares = gain_shares(mine, rows, m, start[m])
+                shares = [v for v in shares if math.isfinite(v)]
+                rec[f"gain_share_{m}"] = [round(v, 3) for v in shares]
+                rec[f"gain_share_mean_{m}"] = float(np.mean(shares)) if shares else math.nan
+                rec[f"gain_share_sd_{m}"] = float(np.std(shares, ddof=1)) if len(shares) > 1 else math.nan
         # what the strategy served, whatever the model learnt: lesion scans among the labelled
         last = max(int(r["labels"]) for r in mine)
         rec["final_labels"] = last
@@ -306,16 +339,28 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
             txt += f" ({mean / base:.0%})"
         return txt
 
+    def gain(r: dict[str, Any]) -> str:
+        mean, sd = r.get("gain_share_mean_mean_dsc", math.nan), r.get("gain_share_sd_mean_dsc", math.nan)
+        if not math.isfinite(mean):
+            return "n/a (the full pool gained nothing)"
+        return f"{mean:.0%}" + (f" +- {sd:.0%}" if math.isfinite(sd) else "")
+
+    with_gain = any("gain_share_mean_mean_dsc" in r for r in summary)
+    last = max((r["final_labels"] for r in summary), default=0)
     lines = [
         f"Seeds {', '.join(map(str, seeds))}. Labels needed to reach 95% of the full-pool value "
-        "(mean +- s.d. over the seeds that reach it; share of random's in brackets).",
+        "(mean +- s.d. over the seeds that reach it; share of random's in brackets)"
+        + (f"; mean-DSC gain over the start model at {last} labels as a share of the same seed's "
+           "full-pool gain (mean +- s.d. over seeds)" if with_gain else "") + ".",
         "",
-        "| strategy | mean DSC | lesion DSC | lesion scans served (expected at random) |",
-        "| --- | --- | --- | --- |",
+        "| strategy | mean DSC | lesion DSC |" + (" gain share |" if with_gain else "")
+        + " lesion scans served (expected at random) |",
+        "| --- | --- | --- |" + (" --- |" if with_gain else "") + " --- |",
     ]
     for r in summary:
         lines.append(f"| {r['strategy']} | {cell(r, 'mean_dsc')} | {cell(r, 'lesion_dsc')} | "
-                     f"{r['final_lesion_scans']:.1f} of {r['final_labels']} ({r['expected_lesion_scans']:.1f}) |")
+                     + (f"{gain(r)} | " if with_gain else "")
+                     + f"{r['final_lesion_scans']:.1f} of {r['final_labels']} ({r['expected_lesion_scans']:.1f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,5 +423,5 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     return path
 
 
-__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_reference", "labels_to_reach", "markdown_table", "plot_curves",
+__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_by_seed", "full_pool_reference", "gain_shares", "labels_to_reach", "markdown_table", "plot_curves",
            "pool_lesion_share", "read_rows", "run_campaign", "summarize"]

@@ -290,20 +290,21 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
-    summary = summarize(rows)
+    from pants_tools.al_start_model import start_model_summary
+
+    start = start_model_summary(_start_dir(args)) if args.start_model else None
+    summary = summarize(rows, start=(start or {}).get("test"))
     keys = ["strategy", "seeds", "full_pool_mean_dsc", "labels_to_95pct_mean_dsc", "final_mean_dsc",
             "full_pool_lesion_dsc", "labels_to_95pct_lesion_dsc", "final_lesion_dsc",
             "final_labels", "final_lesion_scans", "expected_lesion_scans", "per_seed_mean_dsc", "per_seed_lesion_dsc",
             "seed_mean_mean_dsc", "seed_sd_mean_dsc", "seeds_reaching_mean_dsc",
-            "seed_mean_lesion_dsc", "seed_sd_lesion_dsc", "seeds_reaching_lesion_dsc"]
+            "seed_mean_lesion_dsc", "seed_sd_lesion_dsc", "seeds_reaching_lesion_dsc",
+            "gain_share_mean_dsc", "gain_share_mean_mean_dsc", "gain_share_sd_mean_dsc"]
     with open(args.out / f"al_summary{suffix}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(summary)
     (args.out / f"al_table{suffix}.md").write_text(markdown_table(summary, args.seeds))
-    from pants_tools.al_start_model import start_model_summary
-
-    start = start_model_summary(_start_dir(args)) if args.start_model else None
     plot_curves(rows, args.out / f"al_curves{suffix}.png", start=(start or {}).get("test"))
     if start:
         print(f"start model on the test split: {start['test']}")
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(specs)} campaigns in {time.time() - t0:.0f} s; labels to reach 95% of the full-pool value "
           "(mean of seeds' curves)")
-    print(f"{'strategy':<12} {'mean DSC':>9} {'vs random':>10} {'lesion DSC':>11} {'vs random':>10} {'lesion scans':>13}")
+    print(f"{'strategy':<12} {'mean DSC':>9} {'vs random':>10} {'lesion DSC':>11} {'vs random':>10} {'lesion scans':>13}"
+          + (f" {'gain share':>11}" if start else ""))
     for r in summary:
         ratio = []
         for m in ("mean_dsc", "lesion_dsc"):
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio.append(f"{a / b:.0%}" if rnd and math.isfinite(a) and math.isfinite(b) and b else "-")
         print(f"{r['strategy']:<12} {fmt(r['labels_to_95pct_mean_dsc']):>9} {ratio[0]:>10} "
               f"{fmt(r['labels_to_95pct_lesion_dsc']):>11} {ratio[1]:>10} "
-              f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}")
+              f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}"
+              + (f" {r.get('gain_share_mean_mean_dsc', math.nan):>11.0%}" if start else ""))
     print(f"wrote {', '.join(str(args.out / f'{n}{suffix}.{e}') for n, e in (('al_rounds', 'csv'), ('al_summary', 'csv'), ('al_table', 'md'), ('al_curves', 'png')))}")
     return 0
 

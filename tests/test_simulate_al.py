@@ -63,6 +63,27 @@ def test_full_pool_reference_is_each_seeds_last_round() -> None:
     assert full_pool_reference(rows, "mean_dsc") == pytest.approx(0.6)
 
 
+
+def test_gain_share_is_paired_by_seed_and_reaches_the_table() -> None:
+    from pants_tools.al_campaign import markdown_table, summarize
+
+    def row(strategy: str, seed: int, rnd: int, labels: int, dsc: float) -> dict[str, str]:
+        return {"strategy": strategy, "seed": str(seed), "round": str(rnd), "labels": str(labels),
+                "mean_dsc": str(dsc), "lesion_dsc": "0.0", "lesion_scans_labelled": "1"}
+
+    # start 0.50; seed 0's full pool gains 0.10, seed 1's 0.02: each campaign is judged by its own seed's
+    rows = [row("full", 0, 0, 10, 0.55), row("full", 0, 1, 10, 0.60), row("full", 1, 1, 10, 0.52),
+            row("random", 0, 0, 2, 0.50), row("random", 0, 1, 4, 0.55),
+            row("random", 1, 0, 2, 0.50), row("random", 1, 1, 4, 0.51)]
+    (rec,) = summarize(rows, start={"mean_dsc": 0.50})
+    assert rec["gain_share_mean_dsc"] == [0.5, 0.5]
+    assert rec["gain_share_mean_mean_dsc"] == pytest.approx(0.5) and rec["gain_share_sd_mean_dsc"] == pytest.approx(0.0)
+    assert "| n/a (full-pool value 0.0) | 50% +- 0% | 1.0 of 4 " in markdown_table([rec], [0, 1])
+    assert "gain share" not in markdown_table(summarize(rows), [0, 1])  # no start model, no column
+    # a full pool that gained nothing sets no share
+    (flat,) = summarize(rows, start={"mean_dsc": 0.60})
+    assert flat["gain_share_mean_dsc"] == [] and "the full pool gained nothing" in markdown_table([flat], [0, 1])
+
 COHORT_ARGS = ["--cohort", "--make-phantoms", "8", "--n-test", "2", "--test-lesions", "1", "--shape", "24", "24", "24",
                "--spacing", "16", "12", "16", "--init-filters", "8", "--patch", "16", "16", "16", "--epochs", "1",
                "--iterations", "1", "--rounds", "2", "--initial", "2", "--batch", "2", "--mc-samples", "1",

@@ -248,11 +248,8 @@ def gain_shares(campaign: list[dict[str, str]], full_rows: list[dict[str, str]],
     gained nothing (no gain to share)."""
     full = full_pool_by_seed(full_rows, metric)
     shares = []
-    for seed in sorted({r["seed"] for r in campaign}):
-        mine = [r for r in campaign if r["seed"] == seed]
-        if seed not in full:
-            continue
-        last = max(mine, key=lambda r: int(r["round"]))
+    for seed in sorted({r["seed"] for r in campaign} & set(full)):
+        last = max((r for r in campaign if r["seed"] == seed), key=lambda r: int(r["round"]))
         gain = full[seed] - start
         shares.append((float(last[metric]) - start) / gain if gain > 0 else math.nan)
     return shares
@@ -423,5 +420,6 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     return path
 
 
-__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_by_seed", "full_pool_reference", "gain_shares", "labels_to_reach", "markdown_table", "plot_curves",
-           "pool_lesion_share", "read_rows", "run_campaign", "summarize"]
+__all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_by_seed", "full_pool_reference", "gain_shares",
+           "labels_to_reach", "markdown_table", "plot_curves", "pool_lesion_share", "read_rows", "run_campaign",
+           "summarize"]

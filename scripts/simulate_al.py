@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(v: float) -> str:
         return "n/a" if math.isnan(v) else "never" if math.isinf(v) else f"{v:.1f}"
 
+    def share(v: float) -> str:
+        return "n/a" if math.isnan(v) else f"{v:.0%}"
+
     print(f"\n{len(specs)} campaigns in {time.time() - t0:.0f} s; labels to reach 95% of the full-pool value "
           "(mean of seeds' curves)")
     print(f"{'strategy':<12} {'mean DSC':>9} {'vs random':>10} {'lesion DSC':>11} {'vs random':>10} {'lesion scans':>13}"
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['strategy']:<12} {fmt(r['labels_to_95pct_mean_dsc']):>9} {ratio[0]:>10} "
               f"{fmt(r['labels_to_95pct_lesion_dsc']):>11} {ratio[1]:>10} "
               f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}"
-              + (f" {r.get('gain_share_mean_mean_dsc', math.nan):>11.0%}" if start else ""))
+              + (f" {share(r.get('gain_share_mean_mean_dsc', math.nan)):>11}" if start else ""))
     print(f"wrote {', '.join(str(args.out / f'{n}{suffix}.{e}') for n, e in (('al_rounds', 'csv'), ('al_summary', 'csv'), ('al_table', 'md'), ('al_curves', 'png')))}")
     return 0
 

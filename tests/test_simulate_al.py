@@ -63,7 +63,6 @@ def test_full_pool_reference_is_each_seeds_last_round() -> None:
     assert full_pool_reference(rows, "mean_dsc") == pytest.approx(0.6)
 
 
-
 def test_gain_share_is_paired_by_seed_and_reaches_the_table() -> None:
     from pants_tools.al_campaign import markdown_table, summarize
 
@@ -83,6 +82,7 @@ def test_gain_share_is_paired_by_seed_and_reaches_the_table() -> None:
     # a full pool that gained nothing sets no share
     (flat,) = summarize(rows, start={"mean_dsc": 0.60})
     assert flat["gain_share_mean_dsc"] == [] and "the full pool gained nothing" in markdown_table([flat], [0, 1])
+
 
 COHORT_ARGS = ["--cohort", "--make-phantoms", "8", "--n-test", "2", "--test-lesions", "1", "--shape", "24", "24", "24",
                "--spacing", "16", "12", "16", "--init-filters", "8", "--patch", "16", "16", "16", "--epochs", "1",

@@ -64,6 +64,9 @@ class CampaignSpec:
     train_request: dict[str, Any]
     device: str = "cpu"
     start_weights: Path | None = None  # served before round 0 (pants_tools.al_start_model); None: random
+    # Scans pinned as every round's validation set (the publish gate), the same for every strategy
+    # of a seed and never trained on; 0: each run splits its own labelled scans (the product default).
+    val_scans: int = 0
 
     @property
     def folder(self) -> Path:
@@ -118,6 +121,22 @@ def lesion_scans(pool: Path) -> set[str]:
     return {cid for cid, m in read_metadata(path).items() if m.tumor} if path else set()
 
 
+def validation_scans(pool: list[str], lesions: set[str], k: int, seed: int) -> list[str]:
+    """``k`` pool scans pinned for validation, drawn by seed alone (not by strategy). At least one
+    is tumour-positive when the pool has any, so the gate sees the lesion; otherwise the pool's
+    share, rounded."""
+    if k <= 0:
+        return []
+    rng = np.random.default_rng(10_000 + seed)
+    pos = sorted(set(pool) & lesions)
+    neg = sorted(set(pool) - lesions)
+    n_pos = min(len(pos), max(1 if pos else 0, round(k * len(pos) / max(1, len(pool)))))
+    picked = [pos[i] for i in rng.choice(len(pos), size=n_pos, replace=False)] if n_pos else []
+    n_neg = min(len(neg), k - n_pos)
+    picked += [neg[i] for i in rng.choice(len(neg), size=n_neg, replace=False)] if n_neg else []
+    return sorted(picked)
+
+
 def _snapshot(folder: Path, rnd: int) -> Path:
     """The served weights as round ``rnd`` left them."""
     return folder / f"model_after_round_{rnd}.pt"
@@ -147,12 +166,13 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     lesion_ids = lesion_scans(spec.pool)
     ds = PanTSDatastore(spec.pool, state_dir=folder / "state", hide_imported_labels=True, labelmap=lm)
     rng = np.random.default_rng(spec.seed)
-    pool = sorted(ds.images_in_split("train"))
+    val_ids = validation_scans(sorted(ds.images_in_split("train")), lesion_ids, spec.val_scans, spec.seed)
+    pool = sorted(set(ds.images_in_split("train")) - set(val_ids))
     seed_ids = [pool[i] for i in rng.choice(len(pool), size=min(spec.initial, len(pool)), replace=False)]
     if spec.strategy == "full":
         seed_ids = pool
     # Rebuild the revealed set from the finished rounds (resume).
-    revealed = list(seed_ids) + [i for r in rows for i in json.loads(r["selected"] or "[]")]
+    revealed = val_ids + list(seed_ids) + [i for r in rows for i in json.loads(r["selected"] or "[]")]
     ds.reset_revealed()
     ds.reveal_imported_many(revealed)
     for lease in ds.active_leases():
@@ -172,9 +192,9 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     # last round differs from theirs only in the labels; one long run instead trained worse.
     for rnd in range(len(rows), spec.rounds):
         torch.manual_seed(spec.seed * 1000 + rnd)
-        labelled = ds.revealed_images()
+        labelled = sorted(set(ds.revealed_images()) - set(val_ids))  # the pinned set is not the campaign's
         t0 = time.time()
-        res = trainer(dict(spec.train_request), ds)
+        res = trainer({**spec.train_request, **({"validation_ids": val_ids} if val_ids else {})}, ds)
         train_s = time.time() - t0
         metrics = evaluate(ds, seg, lm)
         selected: list[str] = []

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--crop-order", choices=["scan_first", "class_first"], default=None,
                     help="training crops: a scan then a class in it, or a class then a scan holding it "
                          "(default: presets.yaml)")
+    ap.add_argument("--val-scans", type=int, default=0, metavar="K",
+                    help="pin K pool scans (drawn by seed, at least one with a tumour) as every round's "
+                         "validation set, the same for every strategy and never trained on; labels are "
+                         "counted without them. 0: each run splits its own labelled scans")
+    ap.add_argument("--dice-over", choices=["all_classes", "present_classes"], default=None,
+                    help="the campaigns' Dice term: every class, or only those in the crop (default: "
+                         "presets.yaml); the start model keeps the shipped recipe")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="campaigns run in parallel (torch threads split between them)")
@@ -116,6 +123,8 @@ def _specs(args: argparse.Namespace) -> list:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
     if args.crop_order:
         seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"crop_order": args.crop_order})})
+    if args.dice_over:
+        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"dice_over": args.dice_over})})
     if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
         try:
             dump = seg_cfg.training.model_dump()
@@ -127,7 +136,7 @@ def _specs(args: argparse.Namespace) -> list:
         seg_cfg = seg_cfg.model_copy(update={"training": training})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
-                  device=args.device, start_weights=_start_weights_path(args) if args.start_model else None)
+                  device=args.device, val_scans=args.val_scans, start_weights=_start_weights_path(args) if args.start_model else None)
     names = list(args.strategies) + ([] if args.no_full else ["full"])
     # seeds outermost: partial results cover every strategy early
     return [CampaignSpec(strategy=s, seed=seed, **common) for seed in args.seeds for s in names]
@@ -150,6 +159,14 @@ def _start_spec(args: argparse.Namespace):
                           n=args.start_model, seed=args.start_seed, lesion_share=args.start_lesion_share,
                           shape=tuple(args.shape), spacing_mm=tuple(args.spacing), epochs=args.start_epochs,
                           iterations=args.start_iterations, lr=args.start_lr)
+
+
+def _start_cfg(seg_cfg):
+    """The start model's recipe: the campaigns' (network, patch, crops), with the shipped loss."""
+    from lib.core.settings import TrainingConfig
+
+    default = TrainingConfig.model_fields["dice_over"].default
+    return seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"dice_over": default})})
 
 
 def _start_dir(args: argparse.Namespace) -> Path:
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         # In a fresh (spawned) process: torch's thread pool must not exist in this one when it forks
         # the campaigns, and a fork of a process that has one can hang.
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            ex.submit(train_start_model, _start_dir(args), start_spec, specs[0].seg_cfg, args.preset,
+            ex.submit(train_start_model, _start_dir(args), start_spec, _start_cfg(specs[0].seg_cfg), args.preset,
                       args.pool, args.device, threads=os.cpu_count() or 1).result()
     total = sum(s.rounds for s in specs)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))

@@ -152,3 +152,33 @@ def test_a_bad_start_cohort_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--start-cohort"):
         simulate_al.main(["--out", str(out), *ARGS, "--start-model", "4", "--start-cohort", str(tmp_path / "none.yaml")])
     assert not out.exists()
+
+
+def test_pinned_validation_scans_are_shared_by_strategies_and_never_trained_on(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    args = [*ARGS, "--val-scans", "2", "--dice-over", "present_classes"]
+    assert simulate_al.main(["--out", str(out), *args]) == 0
+    rows = _rows(out / "al_rounds.csv")
+    # 7 pool scans, 2 pinned: the campaign counts 3 then 5 labels, the full pool 5
+    assert [(r["strategy"], r["labels"]) for r in rows] == [("hybrid", "3"), ("hybrid", "5"), ("full", "5"), ("full", "5")]
+    pinned = {}
+    for name in ("hybrid_s0", "full_s0"):
+        stats = json.loads((out / "runs" / name / "model" / "train_stats_fast.json").read_text())
+        pinned[name] = stats["val_ids"]
+        assert stats["train_size"] == int(rows[-1 if name == "full_s0" else 1]["labels"])
+    assert len(pinned["hybrid_s0"]) == 2 and pinned["hybrid_s0"] == pinned["full_s0"]
+    assert not set(pinned["hybrid_s0"]) & set(eval(rows[0]["selected"]))
+
+
+def test_validation_scans_keep_a_tumour_and_depend_on_the_seed_only() -> None:
+    from pants_tools.al_campaign import validation_scans
+
+    pool = [f"s{i:02d}" for i in range(40)]
+    lesions = {"s03", "s17", "s30"}
+    picked = validation_scans(pool, lesions, 6, seed=4)
+    assert len(picked) == len(set(picked)) == 6 and set(picked) <= set(pool)
+    assert len(set(picked) & lesions) == 1  # 6 x 3/40 rounds to 0: at least one all the same
+    assert validation_scans(pool, lesions, 6, seed=4) == picked
+    assert validation_scans(pool, lesions, 6, seed=5) != picked
+    assert len(set(validation_scans(pool, lesions, 20, seed=4)) & lesions) == 2  # the pool's share
+    assert validation_scans(pool, set(), 3, seed=0) and validation_scans(pool, lesions, 0, seed=0) == []

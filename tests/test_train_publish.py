@@ -111,3 +111,18 @@ def test_ddp_on_cpu_with_two_gloo_processes(pool, tmp_path: Path) -> None:
     state = torch.load(model_dir / "segresnet_fast.pt", weights_only=True)["state_dict"]
     assert not any(k.startswith("module.") for k in state)  # plain weights, loadable by infer
     Segmenter(CFG, LM, "fast", model_dir / "segresnet_fast.pt").network()
+
+
+def test_pinned_validation_scans_gate_the_run_and_stay_out_of_training(pool) -> None:
+    ds, model_dir = pool
+    labelled = sorted(d["image_id"] for d in ds.datalist())
+    pinned = labelled[-2:]
+    trainer = PanTSTrain(CFG, LM, "fast", model_dir, "cpu")
+    stats = trainer({**RUN, "learning_rate": 1e-12, "validation_ids": list(reversed(pinned))}, ds)
+    assert stats["val_ids"] == pinned and stats["train_size"] == len(labelled) - 2, stats
+    assert stats["published"] is True  # a tie on the pinned scans
+    assert torch.load(model_dir / "segresnet_fast.pt", weights_only=True)["meta"]["val_ids"] == pinned
+    with pytest.raises(ValueError, match="no training label: PanTS_09999999"):
+        trainer({**RUN, "validation_ids": ["PanTS_09999999", pinned[0]]}, ds)
+    with pytest.raises(ValueError, match="at least one must stay for training"):
+        trainer({**RUN, "validation_ids": labelled}, ds)

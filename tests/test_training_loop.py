@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 
 from lib.core.settings import CpuTraining, TrainingConfig
 from lib.model.training import CachedCase, CropSampler, PrefetchSampler, ce_class_weights, crop, dice_ce_loss
@@ -95,6 +95,28 @@ def test_class_weighted_ce_is_torch_weighted_cross_entropy(channels_last: bool) 
     torch.testing.assert_close(dice_ce_loss(logits, target, ce_weight=weight), want)
     ones = torch.ones(5, dtype=torch.float64)
     torch.testing.assert_close(dice_ce_loss(logits, target, ce_weight=ones), dice_ce_loss(logits, target))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dice_over_present_classes_skips_classes_absent_from_an_item(channels_last: bool) -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, 6, 8, 10, 12, dtype=torch.float64)
+    target = torch.randint(0, 6, (2, 1, 8, 10, 12))
+    target[1][(target[1] == 4) | (target[1] == 5)] = 0  # classes 4 and 5 absent from item 1
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    per_class = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, reduction="none")(logits, target)
+    per_class = per_class.reshape(2, 5)
+    present = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0])
+    want = per_class[present].mean() + ce
+    torch.testing.assert_close(dice_ce_loss(logits, target, dice_over="present_classes"), want)
+    # the stock loss scores the absent pairs too (best when they are predicted nowhere)
+    torch.testing.assert_close(dice_ce_loss(logits, target), per_class.mean() + ce)
+    with_items_full = torch.randint(1, 6, (2, 1, 8, 10, 12))  # every class in every item: no difference
+    with_items_full[:, :, 0, 0, :5] = torch.arange(1, 6)[None, None, :]
+    torch.testing.assert_close(dice_ce_loss(logits, with_items_full, dice_over="present_classes"),
+                               dice_ce_loss(logits, with_items_full))
 
 
 def test_ce_class_weights_favour_rare_classes() -> None:

@@ -130,6 +130,8 @@ class TrainingConfig(FrozenConfig):
     crop_background_weight: float = Field(1.0, ge=0)
     # scan_first: scan, then class in it; class_first: class, then a scan holding it (lib/model/training.py)
     crop_order: Literal["scan_first", "class_first"] = "scan_first"
+    # Dice term over every foreground class, or only those in the crop (lib/model/training.py dice_ce_loss)
+    dice_over: Literal["all_classes", "present_classes"] = "all_classes"
     # cross-entropy weight per class sqrt(background / class voxels), capped here; 1 = unweighted
     ce_weight_cap: float = Field(30.0, ge=1)
     cache_dir_name: str = ".cache/preprocessed"

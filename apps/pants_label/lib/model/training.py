@@ -290,7 +290,7 @@ def crop(
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
-                 ce_weight: torch.Tensor | None = None) -> torch.Tensor:
+                 ce_weight: torch.Tensor | None = None, dice_over: str = "all_classes") -> torch.Tensor:
     """Dice (foreground classes) + cross-entropy, as MONAI's ``DiceCELoss(to_onehot_y=True,
     softmax=True, include_background=False)``, without its one-hot target.
 
@@ -303,10 +303,15 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-
         target: (b, 1, *spatial) integer class ids in ``[0, c)``.
         ce_weight: optional (c,) weight per class for the cross-entropy (PyTorch's weighted mean:
             each voxel's term times its true class's weight, over the sum of those weights).
+        dice_over: ``all_classes`` (MONAI's loss) or ``present_classes``: the Dice term only for
+            (item, class) pairs whose class is in the item's crop. With 28 classes most are absent
+            from a crop, and an absent class's Dice is best when it is predicted nowhere: a class
+            present in few crops (the lesion) is then taught mostly to vanish. The cross-entropy
+            still penalizes it where it is predicted and absent.
 
     Returns:
-        Scalar loss: mean over batch items and classes 1..c-1 of ``1 - Dice``, plus the mean
-        voxel cross-entropy.
+        Scalar loss: mean over batch items and classes 1..c-1 (or the present ones) of
+        ``1 - Dice``, plus the mean voxel cross-entropy.
     """
     b, c = logits.shape[:2]
     t = target.long()
@@ -332,6 +337,9 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-
     )
     pred = logp.exp().sum(dim=spatial)
     dice = 1.0 - (2.0 * inter + smooth) / (pred + ground + smooth)
+    if dice_over == "present_classes":
+        present = ground[:, 1:] > 0
+        return (dice[:, 1:] * present).sum() / present.sum().clamp(min=1) + ce
     return dice[:, 1:].mean() + ce
 
 

@@ -196,8 +196,25 @@ def check_train_options(trainer: Any, options: dict[str, Any], model: str) -> No
         raise ClientError(422, f"training option {key} of model {model!r}: {e['msg']} (got {e.get('input')!r})") from None
 
 
+def check_validation_ids(options: dict[str, Any], datastore: Any, model: str) -> None:
+    """A pinned validation set must name labelled training scans: refused at once (422), not by a
+    training run that fails later. Checked per id, so a large datastore is not listed."""
+    from lib.datastore.protocol import TRAINING_TAGS
+
+    ids = options.get("validation_ids")
+    if not ids or datastore is None:
+        return
+    split_of = getattr(datastore, "split_of", None)
+    bad = [i for i in dict.fromkeys(ids)
+           if (split_of is not None and split_of(i) == "test")
+           or not any(t in datastore.get_labels_by_image_id(i) for t in TRAINING_TAGS)]
+    if bad:
+        raise ClientError(422, f"training option validation_ids of model {model!r}: {len(bad)} scan(s) are not "
+                               f"labelled training scans: {', '.join(bad[:5])}")
+
+
 __all__ = [
     "BATCH_INTS", "FORM_OVERHEAD", "INFER_NUMBERS", "MAX_ABS_NUMBER", "MAX_FIELD_BYTES", "MAX_FILENAME_BYTES",
     "QUERY_INTS", "SERVER_OWNED_PARAMS", "Route", "check_filename", "check_numbers", "check_query_ints", "check_range",
-    "check_train_options", "classify", "header", "media_type", "parse_json_object", "query_true",
+    "check_train_options", "check_validation_ids", "classify", "header", "media_type", "parse_json_object", "query_true",
 ]

@@ -44,6 +44,7 @@ from lib.server.checks import (
     check_query_ints,
     check_range,
     check_train_options,
+    check_validation_ids,
     classify,
     header,
     media_type,
@@ -383,6 +384,7 @@ class RequestGuard:
             if not isinstance(options, dict):
                 raise ClientError(400, f"request body.{model} must be a JSON object of training options")
             check_train_options(trainers.get(model), options, model)
+            check_validation_ids(options, app.datastore() if hasattr(app, "datastore") else None, model)
 
 
 __all__ = ["RequestGuard"]

@@ -24,7 +24,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -79,6 +79,10 @@ class TrainRequest(BaseModel):
     cpu_processes: int = Field(1, ge=1, le=64)  # DDP over gloo on the CPU (no GPU)
     cache_workers: int = Field(0, ge=0, le=256)  # processes preprocessing scans into the cache; 0 = auto
     trigger: str = "on demand"  # who started the run (the auto-retrain scheduler says why)
+    # Scans to validate (and gate publishing) on, kept out of training; None: the seeded split by
+    # center (val_fraction). A site pins a reader-agreed set so every run is judged alike.
+    validation_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, min_length=1,
+                                                                                               max_length=5000)
 
 
 @dataclass
@@ -199,15 +203,27 @@ class PanTSTrain(TrainTask):
     def _write(self, stats: dict[str, Any]) -> None:
         write_json_atomic(self.stats_path, stats)
 
+    def split(self, opts: TrainRequest, pairs: dict[str, Any], datastore: Datastore) -> tuple[list[str], list[str]]:
+        """Training and validation ids: the pinned ``validation_ids``, or the seeded split by center."""
+        if opts.validation_ids is None:
+            return split_train_val(list(pairs), meta_centers(datastore, list(pairs)), self.cfg.training.val_fraction,
+                                   self.cfg.training.seed)
+        val = sorted(set(opts.validation_ids))
+        missing = [i for i in val if i not in pairs]
+        if missing:
+            raise ValueError(f"validation_ids: {len(missing)} scan(s) have no training label: {', '.join(missing[:5])}")
+        train = sorted(i for i in pairs if i not in set(val))
+        if not train:
+            raise ValueError("validation_ids names every labelled scan; at least one must stay for training")
+        return train, val
+
     def plan(self, opts: TrainRequest, datastore: Datastore, device: str, world: int, stats: dict) -> FitPlan:
         """Pick the training pairs (a ``final`` label over the imported PanTS masks), split them,
         and gather the card's facts; the disk cache is built next (:func:`build_cache`)."""
         pairs = {d["image_id"] if "image_id" in d else Path(d["image"]).name: d for d in datastore.datalist()}
         if len(pairs) < 2:
             raise ValueError(f"training needs at least 2 labelled scans, the datastore has {len(pairs)}")
-        train_ids, val_ids = split_train_val(
-            list(pairs), meta_centers(datastore, list(pairs)), self.cfg.training.val_fraction, self.cfg.training.seed
-        )
+        train_ids, val_ids = self.split(opts, pairs, datastore)
         self.store.adopt_serving()  # weights placed by hand get a version: the parent is always named
         parent = self.store.serving_version()
         table = getattr(datastore, "metadata_table", None)
@@ -330,7 +346,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.max_epochs * iters)
     engine = Engine(net, optim, sched, device, memory_format, model,
                     cpu_bf16=resolve_cpu_bf16(cfg.cpu_bf16.train))
-    loss_fn = lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight)  # noqa: E731
+    loss_fn = lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight,  # noqa: E731
+                                                    dice_over=cfg.training.dice_over)
 
     best_metric, best_state, best_epoch = -1.0, None, 0
     n_iter, val_s, prior_s = 0, 0.0, 0.0

@@ -32,7 +32,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
 def test_info_lists_strategies_and_scoring(app) -> None:
     info = server_info(app[0])
     assert set(STRATEGIES) <= set(info["strategies"])
-    assert list(info["strategies"])[0] == "hybrid"  # the default comes first
+    assert list(info["strategies"])[0] == "clasp"  # the default (strategies.default) comes first
     assert "pants_uncertainty" in info["scoring"]
     assert "lease_minutes" in info["active_learning"]
 

@@ -284,3 +284,13 @@ def test_an_index_from_before_class_scores_upgrades_in_place(pool: Path, tmp_pat
         assert res["id"] == a and res["selected_by"] == "clasp:overall"  # the old row still ranks
     finally:
         d.close()
+
+
+def test_the_configured_default_strategy_comes_first_and_every_name_is_built() -> None:
+    from lib.core.al_config import STRATEGY_NAMES, StrategyConfig
+
+    assert sorted(make_strategies(StrategyConfig())) == sorted(STRATEGY_NAMES)
+    for name in STRATEGY_NAMES:
+        assert list(make_strategies(StrategyConfig(default=name)))[0] == name
+    with pytest.raises(ValueError, match="default"):
+        StrategyConfig(default="nosuch")

@@ -405,14 +405,15 @@ class ClassStratifiedStrategy(LeasingStrategy):
 
 
 def make_strategies(cfg: StrategyConfig, seed: int | None = None) -> dict[str, LeasingStrategy]:
-    """All strategies, the default (``hybrid``) first."""
-    return {
+    """All strategies, the default (``strategies.default``) first."""
+    built: dict[str, LeasingStrategy] = {
         "hybrid": HybridStrategy(cfg, seed),
         "random": RandomUnlabeled(cfg, seed),
         "random_fg": ForegroundRandom(cfg, seed),
         "uncertainty": UncertaintyStrategy(cfg, seed),
         "clasp": ClassStratifiedStrategy(cfg, seed),
     }
+    return {cfg.default: built.pop(cfg.default), **built}
 
 
 __all__ = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
@@ -51,7 +52,14 @@ class ScoringConfig(FrozenConfig):
         return [self.class_weights.get(n, self.other_weight) for n in labelmap.names]
 
 
+#: every next-scan strategy lib.activelearning.strategies.make_strategies builds (a test keeps them equal)
+StrategyName = Literal["hybrid", "random", "random_fg", "uncertainty", "clasp"]
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+
+
 class StrategyConfig(FrozenConfig):
+    # listed first, so 3D Slicer and OHIF offer it by default
+    default: StrategyName = "clasp"
     lease_minutes: float = Field(120.0, gt=0)
     fg_fraction: float = Field(0.5, ge=0, le=1)
     fg_pool: int = Field(256, ge=1)
@@ -88,4 +96,4 @@ def load_al_config(path: str | Path = DEFAULT_AL_CONFIG) -> ActiveLearningConfig
     return load_yaml_model(Path(path), ActiveLearningConfig)
 
 
-__all__ = ["ActiveLearningConfig", "ScoringConfig", "StrategyConfig", "load_al_config", "DEFAULT_AL_CONFIG"]
+__all__ = ["STRATEGY_NAMES", "StrategyName", "ActiveLearningConfig", "ScoringConfig", "StrategyConfig", "load_al_config", "DEFAULT_AL_CONFIG"]

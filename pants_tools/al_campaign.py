@@ -275,6 +275,29 @@ def gain_shares(campaign: list[dict[str, str]], full_rows: list[dict[str, str]],
     return shares
 
 
+def aubc(labels: list[float], values: list[float]) -> float:
+    """Area under the budget curve (nnActive, 2025): the trapezoid area under ``values`` over the
+    label budget, divided by the budget, i.e. the curve's mean over the labels spent. Unlike
+    "labels to reach a target" it uses every round, so one early jump does not decide it."""
+    if len(labels) < 2 or labels[-1] == labels[0]:
+        return float(values[-1]) if values else math.nan
+    x, y = np.asarray(labels, dtype=float), np.asarray(values, dtype=float)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def _aubc_by_seed(rows: list[dict[str, str]], metric: str) -> dict[str, float]:
+    out = {}
+    for seed in sorted({r["seed"] for r in rows}):
+        rs = sorted((r for r in rows if r["seed"] == seed), key=lambda r: int(r["labels"]))
+        out[seed] = aubc([int(r["labels"]) for r in rs], [float(r[metric]) for r in rs])
+    return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if math.isfinite(x)]
+    return (float(np.mean(v)) if v else math.nan, float(np.std(v, ddof=1)) if len(v) > 1 else math.nan)
+
+
 def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc"),
               start: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Per strategy: labels to reach 95% of the full-pool value, per metric (mean over seeds' curves).
@@ -317,6 +340,9 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 rec[f"gain_share_{m}"] = [round(v, 3) for v in shares]
                 rec[f"gain_share_mean_{m}"] = float(np.mean(shares)) if shares else math.nan
                 rec[f"gain_share_sd_{m}"] = float(np.std(shares, ddof=1)) if len(shares) > 1 else math.nan
+        by_seed = _aubc_by_seed(mine, "mean_dsc")
+        rec["aubc_by_seed_mean_dsc"] = by_seed
+        rec["aubc_mean_mean_dsc"], rec["aubc_sd_mean_dsc"] = _mean_sd(list(by_seed.values()))
         # what the strategy served, whatever the model learnt: lesion scans among the labelled
         last = max(int(r["labels"]) for r in mine)
         rec["final_labels"] = last
@@ -325,6 +351,12 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
         # what random labelling would have served: the pool's lesion share (from the full runs) x labels
         rec["expected_lesion_scans"] = round(last * prevalence, 2) if math.isfinite(prevalence) else math.nan
         out.append(rec)
+    # AUBC against random's, paired by seed: the seeds' common noise (test split, start) cancels
+    rnd = next((r["aubc_by_seed_mean_dsc"] for r in out if r["strategy"] == "random"), {})
+    for rec in out:
+        diffs = [v - rnd[seed] for seed, v in rec["aubc_by_seed_mean_dsc"].items() if seed in rnd]
+        rec["aubc_vs_random_mean_dsc"] = [round(d, 5) for d in diffs]
+        rec["aubc_vs_random_mean_mean_dsc"], rec["aubc_vs_random_sd_mean_dsc"] = _mean_sd(diffs)
     return out
 
 
@@ -362,21 +394,33 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
             return "n/a (the full pool gained nothing)"
         return f"{mean:.0%}" + (f" +- {sd:.0%}" if math.isfinite(sd) else "")
 
+    def area(r: dict[str, Any]) -> str:
+        mean, sd = r.get("aubc_mean_mean_dsc", math.nan), r.get("aubc_sd_mean_dsc", math.nan)
+        if not math.isfinite(mean):
+            return "n/a"
+        txt = f"{mean:.4f}" + (f" +- {sd:.4f}" if math.isfinite(sd) else "")
+        d, dsd = r.get("aubc_vs_random_mean_mean_dsc", math.nan), r.get("aubc_vs_random_sd_mean_dsc", math.nan)
+        if math.isfinite(d) and r["strategy"] != "random":
+            txt += f" ({d:+.4f}" + (f" +- {dsd:.4f}" if math.isfinite(dsd) else "") + ")"
+        return txt
+
     with_gain = any("gain_share_mean_mean_dsc" in r for r in summary)
     last = max((r["final_labels"] for r in summary), default=0)
     lines = [
         f"Seeds {', '.join(map(str, seeds))}. Labels needed to reach 95% of the full-pool value "
         "(mean +- s.d. over the seeds that reach it; share of random's in brackets)"
         + (f"; mean-DSC gain over the start model at {last} labels as a share of the same seed's "
-           "full-pool gain (mean +- s.d. over seeds)" if with_gain else "") + ".",
+           "full-pool gain (mean +- s.d. over seeds)" if with_gain else "")
+        + "; AUBC: the mean-DSC curve's area over the label budget, divided by the budget (mean +- s.d. "
+          "over seeds; in brackets the difference from random's, paired by seed).",
         "",
         "| strategy | mean DSC | lesion DSC |" + (" gain share |" if with_gain else "")
-        + " lesion scans served (expected at random) |",
-        "| --- | --- | --- |" + (" --- |" if with_gain else "") + " --- |",
+        + " AUBC, mean DSC | lesion scans served (expected at random) |",
+        "| --- | --- | --- |" + (" --- |" if with_gain else "") + " --- | --- |",
     ]
     for r in summary:
         lines.append(f"| {r['strategy']} | {cell(r, 'mean_dsc')} | {cell(r, 'lesion_dsc')} | "
-                     + (f"{gain(r)} | " if with_gain else "")
+                     + (f"{gain(r)} | " if with_gain else "") + f"{area(r)} | "
                      + f"{r['final_lesion_scans']:.1f} of {r['final_labels']} ({r['expected_lesion_scans']:.1f}) |")
     return "\n".join(lines) + "\n"
 

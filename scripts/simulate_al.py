@@ -316,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             "final_labels", "final_lesion_scans", "expected_lesion_scans", "per_seed_mean_dsc", "per_seed_lesion_dsc",
             "seed_mean_mean_dsc", "seed_sd_mean_dsc", "seeds_reaching_mean_dsc",
             "seed_mean_lesion_dsc", "seed_sd_lesion_dsc", "seeds_reaching_lesion_dsc",
-            "gain_share_mean_dsc", "gain_share_mean_mean_dsc", "gain_share_sd_mean_dsc"]
+            "gain_share_mean_dsc", "gain_share_mean_mean_dsc", "gain_share_sd_mean_dsc",
+            "aubc_mean_mean_dsc", "aubc_sd_mean_dsc", "aubc_vs_random_mean_dsc", "aubc_vs_random_mean_mean_dsc",
+            "aubc_vs_random_sd_mean_dsc"]
     with open(args.out / f"al_summary{suffix}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(specs)} campaigns in {time.time() - t0:.0f} s; labels to reach 95% of the full-pool value "
           "(mean of seeds' curves)")
     print(f"{'strategy':<12} {'mean DSC':>9} {'vs random':>10} {'lesion DSC':>11} {'vs random':>10} {'lesion scans':>13}"
-          + (f" {'gain share':>11}" if start else ""))
+          + (f" {'gain share':>11}" if start else "") + f" {'AUBC':>7} {'vs random':>10}")
     for r in summary:
         ratio = []
         for m in ("mean_dsc", "lesion_dsc"):
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['strategy']:<12} {fmt(r['labels_to_95pct_mean_dsc']):>9} {ratio[0]:>10} "
               f"{fmt(r['labels_to_95pct_lesion_dsc']):>11} {ratio[1]:>10} "
               f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}"
-              + (f" {share(r.get('gain_share_mean_mean_dsc', math.nan)):>11}" if start else ""))
+              + (f" {share(r.get('gain_share_mean_mean_dsc', math.nan)):>11}" if start else "")
+              + f" {r['aubc_mean_mean_dsc']:>7.4f} {r['aubc_vs_random_mean_mean_dsc']:>+10.4f}")
     print(f"wrote {', '.join(str(args.out / f'{n}{suffix}.{e}') for n, e in (('al_rounds', 'csv'), ('al_summary', 'csv'), ('al_table', 'md'), ('al_curves', 'png')))}")
     return 0
 

@@ -77,7 +77,7 @@ def test_gain_share_is_paired_by_seed_and_reaches_the_table() -> None:
     (rec,) = summarize(rows, start={"mean_dsc": 0.50})
     assert rec["gain_share_mean_dsc"] == [0.5, 0.5]
     assert rec["gain_share_mean_mean_dsc"] == pytest.approx(0.5) and rec["gain_share_sd_mean_dsc"] == pytest.approx(0.0)
-    assert "| n/a (full-pool value 0.0) | 50% +- 0% | 1.0 of 4 " in markdown_table([rec], [0, 1])
+    assert "| n/a (full-pool value 0.0) | 50% +- 0% | 0.5150 +- 0.0141 | 1.0 of 4 " in markdown_table([rec], [0, 1])
     assert "gain share" not in markdown_table(summarize(rows), [0, 1])  # no start model, no column
     # a full pool that gained nothing sets no share
     (flat,) = summarize(rows, start={"mean_dsc": 0.60})
@@ -182,3 +182,24 @@ def test_validation_scans_keep_a_tumour_and_depend_on_the_seed_only() -> None:
     assert validation_scans(pool, lesions, 6, seed=5) != picked
     assert len(set(validation_scans(pool, lesions, 20, seed=4)) & lesions) == 2  # the pool's share
     assert validation_scans(pool, set(), 3, seed=0) and validation_scans(pool, lesions, 0, seed=0) == []
+
+
+def test_aubc_is_the_curves_mean_over_the_budget_and_is_paired_with_random() -> None:
+    from pants_tools.al_campaign import aubc, markdown_table, summarize
+
+    assert aubc([4, 10, 16], [0.5, 0.6, 0.6]) == pytest.approx((0.55 * 6 + 0.6 * 6) / 12)
+    assert aubc([4], [0.5]) == 0.5
+
+    def row(strategy: str, seed: int, labels: int, dsc: float) -> dict[str, str]:
+        return {"strategy": strategy, "seed": str(seed), "round": str(labels), "labels": str(labels),
+                "mean_dsc": str(dsc), "lesion_dsc": "0.0", "lesion_scans_labelled": "0"}
+
+    # seed 1 is 0.1 easier for everyone: the paired difference does not see it
+    rows = [row("full", s, 10, 0.6 + 0.1 * s) for s in (0, 1)]
+    rows += [row("random", s, n, v + 0.1 * s) for s in (0, 1) for n, v in ((2, 0.5), (4, 0.5))]
+    rows += [row("clasp", s, n, v + 0.1 * s) for s in (0, 1) for n, v in ((2, 0.5), (4, 0.54))]
+    recs = {r["strategy"]: r for r in summarize(rows)}
+    assert recs["clasp"]["aubc_vs_random_mean_dsc"] == [0.02, 0.02]
+    assert recs["clasp"]["aubc_vs_random_sd_mean_dsc"] == pytest.approx(0.0)
+    assert recs["clasp"]["aubc_sd_mean_dsc"] == pytest.approx(0.0707, abs=1e-4)
+    assert "| 0.5700 +- 0.0707 (+0.0200 +- 0.0000) |" in markdown_table(list(recs.values()), [0, 1])

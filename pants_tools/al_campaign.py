@@ -340,6 +340,17 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 rec[f"gain_share_{m}"] = [round(v, 3) for v in shares]
                 rec[f"gain_share_mean_{m}"] = float(np.mean(shares)) if shares else math.nan
                 rec[f"gain_share_sd_{m}"] = float(np.std(shares, ddof=1)) if len(shares) > 1 else math.nan
+        # the publish gate: rounds whose fine-tune was served, and campaigns that, once a round was
+        # refused, were never served again (the served model's validation score is the best seen
+        # on those scans so far, which later fine-tunes seldom match)
+        rec["rounds_published"] = sum(r.get("published") == "True" for r in mine)
+        rec["rounds_run"] = len(mine)
+        stalled = 0
+        for seed in {r["seed"] for r in mine}:
+            pub = [r.get("published") == "True" for r in sorted((r for r in mine if r["seed"] == seed),
+                                                                 key=lambda r: int(r["round"]))]
+            stalled += int(False in pub and not any(pub[pub.index(False):]))
+        rec["campaigns_stalled"] = stalled
         by_seed = _aubc_by_seed(mine, "mean_dsc")
         rec["aubc_by_seed_mean_dsc"] = by_seed
         rec["aubc_mean_mean_dsc"], rec["aubc_sd_mean_dsc"] = _mean_sd(list(by_seed.values()))
@@ -415,12 +426,14 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
           "over seeds; in brackets the difference from random's, paired by seed).",
         "",
         "| strategy | mean DSC | lesion DSC |" + (" gain share |" if with_gain else "")
-        + " AUBC, mean DSC | lesion scans served (expected at random) |",
-        "| --- | --- | --- |" + (" --- |" if with_gain else "") + " --- | --- |",
+        + " AUBC, mean DSC | rounds published (campaigns never served again after a refusal) |"
+        + " lesion scans served (expected at random) |",
+        "| --- | --- | --- |" + (" --- |" if with_gain else "") + " --- | --- | --- |",
     ]
     for r in summary:
         lines.append(f"| {r['strategy']} | {cell(r, 'mean_dsc')} | {cell(r, 'lesion_dsc')} | "
                      + (f"{gain(r)} | " if with_gain else "") + f"{area(r)} | "
+                     + f"{r['rounds_published']} of {r['rounds_run']} ({r['campaigns_stalled']}) | "
                      + f"{r['final_lesion_scans']:.1f} of {r['final_labels']} ({r['expected_lesion_scans']:.1f}) |")
     return "\n".join(lines) + "\n"
 

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed_mean_lesion_dsc", "seed_sd_lesion_dsc", "seeds_reaching_lesion_dsc",
             "gain_share_mean_dsc", "gain_share_mean_mean_dsc", "gain_share_sd_mean_dsc",
             "aubc_mean_mean_dsc", "aubc_sd_mean_dsc", "aubc_vs_random_mean_dsc", "aubc_vs_random_mean_mean_dsc",
-            "aubc_vs_random_sd_mean_dsc"]
+            "aubc_vs_random_sd_mean_dsc", "rounds_published", "rounds_run", "campaigns_stalled"]
     with open(args.out / f"al_summary{suffix}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()

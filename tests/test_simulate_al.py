@@ -77,7 +77,7 @@ def test_gain_share_is_paired_by_seed_and_reaches_the_table() -> None:
     (rec,) = summarize(rows, start={"mean_dsc": 0.50})
     assert rec["gain_share_mean_dsc"] == [0.5, 0.5]
     assert rec["gain_share_mean_mean_dsc"] == pytest.approx(0.5) and rec["gain_share_sd_mean_dsc"] == pytest.approx(0.0)
-    assert "| n/a (full-pool value 0.0) | 50% +- 0% | 0.5150 +- 0.0141 | 1.0 of 4 " in markdown_table([rec], [0, 1])
+    assert "| n/a (full-pool value 0.0) | 50% +- 0% | 0.5150 +- 0.0141 | 0 of 4 (2) | 1.0 of 4 " in markdown_table([rec], [0, 1])
     assert "gain share" not in markdown_table(summarize(rows), [0, 1])  # no start model, no column
     # a full pool that gained nothing sets no share
     (flat,) = summarize(rows, start={"mean_dsc": 0.60})
@@ -203,3 +203,16 @@ def test_aubc_is_the_curves_mean_over_the_budget_and_is_paired_with_random() -> 
     assert recs["clasp"]["aubc_vs_random_sd_mean_dsc"] == pytest.approx(0.0)
     assert recs["clasp"]["aubc_sd_mean_dsc"] == pytest.approx(0.0707, abs=1e-4)
     assert "| 0.5700 +- 0.0707 (+0.0200 +- 0.0000) |" in markdown_table(list(recs.values()), [0, 1])
+
+
+def test_the_gate_columns_count_served_rounds_and_stalled_campaigns() -> None:
+    from pants_tools.al_campaign import summarize
+
+    def row(seed: int, rnd: int, published: bool) -> dict[str, str]:
+        return {"strategy": "random", "seed": str(seed), "round": str(rnd), "labels": str(2 + rnd),
+                "mean_dsc": "0.5", "lesion_dsc": "0.0", "lesion_scans_labelled": "0", "published": str(published)}
+
+    # seed 0: refused once, then served again; seed 1: never served after its first refusal
+    rows = [row(0, 0, True), row(0, 1, False), row(0, 2, True), row(1, 0, True), row(1, 1, False), row(1, 2, False)]
+    (rec,) = summarize(rows + [{**row(0, 0, True), "strategy": "full"}])
+    assert (rec["rounds_published"], rec["rounds_run"], rec["campaigns_stalled"]) == (3, 6, 1)

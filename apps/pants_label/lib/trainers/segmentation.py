@@ -212,7 +212,8 @@ class PanTSTrain(TrainTask):
         missing = [i for i in val if i not in pairs]
         if missing:
             raise ValueError(f"validation_ids: {len(missing)} scan(s) have no training label: {', '.join(missing[:5])}")
-        train = sorted(i for i in pairs if i not in set(val))
+        pinned = set(val)
+        train = sorted(i for i in pairs if i not in pinned)
         if not train:
             raise ValueError("validation_ids names every labelled scan; at least one must stay for training")
         return train, val

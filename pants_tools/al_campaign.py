@@ -340,8 +340,8 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 rec[f"gain_share_{m}"] = [round(v, 3) for v in shares]
                 rec[f"gain_share_mean_{m}"] = float(np.mean(shares)) if shares else math.nan
                 rec[f"gain_share_sd_{m}"] = float(np.std(shares, ddof=1)) if len(shares) > 1 else math.nan
-        # the publish gate: rounds whose fine-tune was served, and campaigns that, once a round was
-        # refused, were never served again (the served model's validation score is the best seen
+        # the publish gate: rounds whose fine-tune was served, and campaigns that, once a round before
+        # the last was refused, were never served again (the served model's validation score is the best seen
         # on those scans so far, which later fine-tunes seldom match)
         rec["rounds_published"] = sum(r.get("published") == "True" for r in mine)
         rec["rounds_run"] = len(mine)
@@ -349,7 +349,8 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
         for seed in {r["seed"] for r in mine}:
             pub = [r.get("published") == "True" for r in sorted((r for r in mine if r["seed"] == seed),
                                                                  key=lambda r: int(r["round"]))]
-            stalled += int(False in pub and not any(pub[pub.index(False):]))
+            first = pub.index(False) if False in pub else len(pub)
+            stalled += int(first < len(pub) - 1 and not any(pub[first:]))  # a refusal in the last round is no stall
         rec["campaigns_stalled"] = stalled
         by_seed = _aubc_by_seed(mine, "mean_dsc")
         rec["aubc_by_seed_mean_dsc"] = by_seed

@@ -212,7 +212,9 @@ def test_the_gate_columns_count_served_rounds_and_stalled_campaigns() -> None:
         return {"strategy": "random", "seed": str(seed), "round": str(rnd), "labels": str(2 + rnd),
                 "mean_dsc": "0.5", "lesion_dsc": "0.0", "lesion_scans_labelled": "0", "published": str(published)}
 
-    # seed 0: refused once, then served again; seed 1: never served after its first refusal
-    rows = [row(0, 0, True), row(0, 1, False), row(0, 2, True), row(1, 0, True), row(1, 1, False), row(1, 2, False)]
+    # seed 0: refused once, then served again; seed 1: never served after its first refusal;
+    # seed 2: refused in its last round only (no later round to be served in)
+    rows = [row(0, 0, True), row(0, 1, False), row(0, 2, True), row(1, 0, True), row(1, 1, False), row(1, 2, False),
+            row(2, 0, True), row(2, 1, True), row(2, 2, False)]
     (rec,) = summarize(rows + [{**row(0, 0, True), "strategy": "full"}])
-    assert (rec["rounds_published"], rec["rounds_run"], rec["campaigns_stalled"]) == (3, 6, 1)
+    assert (rec["rounds_published"], rec["rounds_run"], rec["campaigns_stalled"]) == (5, 9, 1)

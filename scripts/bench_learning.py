@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="batch size")
     p.add_argument("--patch", type=int, nargs=3, default=None, help="patch size")
     p.add_argument("--lesion-weight", type=float, default=None, help="crop-centre weight of the lesion class")
+    p.add_argument("--dice-over", choices=["all_classes", "present_classes"], default=None,
+                   help="the loss's Dice term: every class, or those in the crop (default: presets.yaml)")
     p.add_argument("--seed", type=int, default=None, help="training seed (initial weights, crops)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--save-model", type=Path, default=None,
@@ -102,6 +104,8 @@ def recipe(cfg: SegmentationConfig, lm: LabelMap, args: argparse.Namespace) -> t
         upd["seed"] = args.seed
     if args.lesion_weight is not None:
         upd["crop_class_weights"] = {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}
+    if args.dice_over:
+        upd["dice_over"] = args.dice_over
     if args.patch:  # on every device
         upd["patch_size"] = tuple(args.patch)
         upd["cpu"] = t.cpu.model_copy(update={"patch_size": tuple(args.patch)})

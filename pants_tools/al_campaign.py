@@ -166,8 +166,10 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     lesion_ids = lesion_scans(spec.pool)
     ds = PanTSDatastore(spec.pool, state_dir=folder / "state", hide_imported_labels=True, labelmap=lm)
     rng = np.random.default_rng(spec.seed)
-    val_ids = validation_scans(sorted(ds.images_in_split("train")), lesion_ids, spec.val_scans, spec.seed)
-    pool = sorted(set(ds.images_in_split("train")) - set(val_ids))
+    train_split = sorted(ds.images_in_split("train"))
+    val_ids = validation_scans(train_split, lesion_ids, spec.val_scans, spec.seed)
+    pinned = set(val_ids)
+    pool = [i for i in train_split if i not in pinned]
     seed_ids = [pool[i] for i in rng.choice(len(pool), size=min(spec.initial, len(pool)), replace=False)]
     if spec.strategy == "full":
         seed_ids = pool
@@ -192,7 +194,7 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
     # last round differs from theirs only in the labels; one long run instead trained worse.
     for rnd in range(len(rows), spec.rounds):
         torch.manual_seed(spec.seed * 1000 + rnd)
-        labelled = sorted(set(ds.revealed_images()) - set(val_ids))  # the pinned set is not the campaign's
+        labelled = sorted(set(ds.revealed_images()) - pinned)  # the pinned set is not the campaign's
         t0 = time.time()
         res = trainer({**spec.train_request, **({"validation_ids": val_ids} if val_ids else {})}, ds)
         train_s = time.time() - t0
@@ -285,12 +287,10 @@ def aubc(labels: list[float], values: list[float]) -> float:
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
 
-def _aubc_by_seed(rows: list[dict[str, str]], metric: str) -> dict[str, float]:
-    out = {}
-    for seed in sorted({r["seed"] for r in rows}):
-        rs = sorted((r for r in rows if r["seed"] == seed), key=lambda r: int(r["labels"]))
-        out[seed] = aubc([int(r["labels"]) for r in rs], [float(r[metric]) for r in rs])
-    return out
+def _curves_by_seed(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """Each seed's rows in label order (one campaign's curve)."""
+    return {seed: sorted((r for r in rows if r["seed"] == seed), key=lambda r: int(r["labels"]))
+            for seed in sorted({r["seed"] for r in rows})}
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -310,6 +310,7 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
     strategies = sorted({r["strategy"] for r in rows} - {"full"})
     for s in strategies:
         mine = [r for r in rows if r["strategy"] == s]
+        curves = _curves_by_seed(mine)
         rec: dict[str, Any] = {"strategy": s, "seeds": len({r["seed"] for r in mine})}
         for m in metrics:
             ref = refs[m]
@@ -325,10 +326,8 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
             rec[f"labels_to_95pct_{m}"] = labels_to_reach(labels, curve, target)
             rec[f"final_{m}"] = round(curve[-1], 4) if curve else math.nan
             # per-seed values, to show the spread
-            per_seed = []
-            for seed in sorted({r["seed"] for r in mine}):
-                rs = sorted((r for r in mine if r["seed"] == seed), key=lambda r: int(r["labels"]))
-                per_seed.append(labels_to_reach([int(r["labels"]) for r in rs], [float(r[m]) for r in rs], target))
+            per_seed = [labels_to_reach([int(r["labels"]) for r in rs], [float(r[m]) for r in rs], target)
+                        for rs in curves.values()]
             rec[f"per_seed_{m}"] = per_seed
             reached = [v for v in per_seed if math.isfinite(v)]  # NaN (no target) and inf (never) left out
             rec[f"seeds_reaching_{m}"] = len(reached)
@@ -346,13 +345,13 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
         rec["rounds_published"] = sum(r.get("published") == "True" for r in mine)
         rec["rounds_run"] = len(mine)
         stalled = 0
-        for seed in {r["seed"] for r in mine}:
-            pub = [r.get("published") == "True" for r in sorted((r for r in mine if r["seed"] == seed),
-                                                                 key=lambda r: int(r["round"]))]
+        for rs in curves.values():
+            pub = [r.get("published") == "True" for r in rs]
             first = pub.index(False) if False in pub else len(pub)
             stalled += int(first < len(pub) - 1 and not any(pub[first:]))  # a refusal in the last round is no stall
         rec["campaigns_stalled"] = stalled
-        by_seed = _aubc_by_seed(mine, "mean_dsc")
+        by_seed = {seed: aubc([int(r["labels"]) for r in rs], [float(r["mean_dsc"]) for r in rs])
+                   for seed, rs in curves.items()}
         rec["aubc_by_seed_mean_dsc"] = by_seed
         rec["aubc_mean_mean_dsc"], rec["aubc_sd_mean_dsc"] = _mean_sd(list(by_seed.values()))
         # what the strategy served, whatever the model learnt: lesion scans among the labelled

@@ -121,10 +121,9 @@ def _specs(args: argparse.Namespace) -> list:
     seg_cfg = load_segmentation_config()
     if args.init_filters:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
-    if args.crop_order:
-        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"crop_order": args.crop_order})})
-    if args.dice_over:
-        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"dice_over": args.dice_over})})
+    recipe = {k: v for k, v in (("crop_order", args.crop_order), ("dice_over", args.dice_over)) if v}
+    if recipe:
+        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update=recipe)})
     if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
         try:
             dump = seg_cfg.training.model_dump()

@@ -212,7 +212,7 @@ def test_click_model_trains_on_the_labels_and_publishes_only_a_better_version(ap
     assert card["val_metric"] == first["val_metric"] and card["baseline"]["val_metric"] is None
 
     # Weights placed by hand (the trained demo weights) become the served version; a short run from
-    # scratch scores below them on the same held-out windows, so it is not published. The scans
+    # scratch scores below them on the same held-out windows, so it is not served. The scans
     # come from the disk cache: nothing is prepared again.
     demo = Path(__file__).resolve().parents[1] / "apps" / "pants_label" / "demo_model" / "segresnet_clicks.pt"
     tmp = app[2] / "segresnet_clicks.pt.part"
@@ -225,7 +225,10 @@ def test_click_model_trains_on_the_labels_and_publishes_only_a_better_version(ap
     assert second["parent_version"] == "v2" and second["baseline_metric"] is not None, second
     assert second["val_metric"] < second["baseline_metric"] and second["published"] is False, second
     assert client.info()["models"]["deepedit"]["model_version"] == "v2"
-    assert not (app[2] / "versions" / "clicks" / "v3").exists()
+    # the refused run is kept as v3, unserved, and its card says why
+    assert second["version"] == "v3", second
+    card = json.loads((app[2] / "versions" / "clicks" / "v3" / "card.json").read_text())
+    assert card["published"] is False and card["refused"].startswith(f"val Dice {second['val_metric']:.4f} < served")
 
 
 def test_bad_conf_stops_the_server_naming_the_key(tmp_path: Path) -> None:

@@ -49,6 +49,21 @@ def test_versions_are_numbered_hashed_immutable_and_served(tmp_path: Path) -> No
     assert [h["event"] for h in store.history()] == ["publish", "publish"]
 
 
+def test_a_refused_run_is_kept_as_a_version_that_is_not_served(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, "fast")
+    v1 = store.publish(_weights(1), _meta(), {"summary": "first"})
+    served = store.serving_path.read_bytes()
+    v2 = store.keep(_weights(2), _meta(), {"summary": "refused: worse"}, "val 0.40 < served 0.50")
+    assert v2 == "v2" and store.serving_version() == v1 and store.serving_path.read_bytes() == served
+    cards = {c["version"]: c for c in store.versions()}
+    assert cards[v1]["published"] is True and "refused" not in cards[v1]
+    assert cards[v2]["published"] is False and cards[v2]["refused"] == "val 0.40 < served 0.50"
+    assert cards[v2]["sha256"] == sha256_file(tmp_path / "versions" / "fast" / v2 / "model.pt")
+    assert [(h["event"], h["version"]) for h in store.history()] == [("publish", v1), ("refused", v2)]
+    store.rollback(v2, by="admin")  # an admin may still serve it
+    assert store.serving_version() == v2
+
+
 def test_rollback_is_atomic_and_a_loaded_segmenter_serves_it_without_restart(tmp_path: Path) -> None:
     store = ModelStore(tmp_path, "fast")
     store.publish(_weights(1), _meta(), {})

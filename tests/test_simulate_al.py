@@ -218,3 +218,19 @@ def test_the_gate_columns_count_served_rounds_and_stalled_campaigns() -> None:
             row(2, 0, True), row(2, 1, True), row(2, 2, False)]
     (rec,) = summarize(rows + [{**row(0, 0, True), "strategy": "full"}])
     assert (rec["rounds_published"], rec["rounds_run"], rec["campaigns_stalled"]) == (5, 9, 1)
+
+
+def test_serve_every_round_serves_a_refused_fine_tune_and_keeps_the_gates_verdict(tmp_path: Path) -> None:
+    from lib.model.model_store import ModelStore
+
+    out = tmp_path / "sim"
+    # lr 1.0 wrecks the weights within a round, so the gate refuses one (round 2 with these seeds)
+    args = [*ARGS, "--rounds", "3", "--no-full", "--lr", "1.0", "--serve-every-round"]
+    assert simulate_al.main(["--out", str(out), *args]) == 0
+    rows = _rows(out / "al_rounds.csv")
+    assert [r["published"] for r in rows] == ["True", "True", "False"]
+    store = ModelStore(out / "runs" / "hybrid_s0" / "model", "fast")
+    stats = json.loads((store.root / "train_stats_fast.json").read_text())
+    assert stats["published"] is False and store.serving_version() == stats["version"] == "v3"
+    assert store.card("v3")["published"] is False  # served, but the card still says the gate refused it
+    assert [h["event"] for h in store.history()] == ["publish", "publish", "refused", "rollback"]

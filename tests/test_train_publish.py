@@ -22,7 +22,7 @@ import torch
 from lib.core.atomic import TMP_NAME
 from lib.datastore.pants import PanTSDatastore
 from lib.core.labelmap import load_labelmap
-from lib.model.model_store import publish
+from lib.model.model_store import ModelStore, publish
 from pants_tools.phantom import write_pants_tree
 from lib.model.segmenter import Segmenter, build_network
 from lib.core.settings import NetworkConfig, load_segmentation_config
@@ -84,6 +84,11 @@ def test_a_worse_model_is_never_published(pool) -> None:
     np.testing.assert_array_equal(served_after, served_before)
     assert infer.info.meta["summary"] == "current"
     assert trainer.stats()["published"] is False
+    # the refused run is kept, unserved, as a version whose card says why
+    card = ModelStore(model_dir, "fast").card(stats["version"])
+    assert card["published"] is False and card["summary"].startswith("refused: val mean Dice")
+    assert f"{stats['best_metric']:.4f} < served {stats['baseline_metric']:.4f}" in card["refused"]
+    assert ModelStore(model_dir, "fast").serving_version() != stats["version"]
 
 
 def test_a_model_as_good_as_the_current_one_is_published(pool) -> None:

@@ -6,7 +6,10 @@ One store per dataset and preset (the app puts it in the datastore's state folde
     <model_dir>/segresnet_<preset>.pt            the weights infer and scoring load (reloaded by mtime)
     <model_dir>/versions/<preset>/v<N>/model.pt  version N, never changed after it is written
     <model_dir>/versions/<preset>/v<N>/card.json its model card (sha256 of model.pt, time, parent...)
-    <model_dir>/versions/<preset>/history.jsonl  every publish and rollback, one JSON line each
+    <model_dir>/versions/<preset>/history.jsonl  every publish, refusal and rollback, one JSON line each
+
+A run the publish rule refuses is kept as a version too (``published: false`` and ``refused`` in
+its card) but not served: every run stays inspectable, and an admin may serve it by rollback.
 
 Serving a version means copying its bytes atomically over the served file, so the served file's
 SHA-256 names the version (a rollback is the same copy of an older version). Weights placed in
@@ -194,11 +197,25 @@ class ModelStore:
 
         ``meta`` goes inside the weights file (what infer checks: labels, preset, preprocessing).
         """
+        version = self._store(state_dict, meta, {**card, "published": True})
+        self._serve(version, "publish")
+        return version
+
+    def keep(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], card: dict[str, Any],
+             reason: str) -> str:
+        """Store a run's weights that the publish rule refused as a version that is not served.
+        Every run stays inspectable (its card has its validation scores and ``refused``, why), and
+        an admin may still serve it with :meth:`rollback`. Returns the version name."""
+        version = self._store(state_dict, meta, {**card, "published": False, "refused": reason})
+        self._log({"event": "refused", "version": version, "reason": reason})
+        return version
+
+    def _store(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], card: dict[str, Any]) -> str:
         def write(folder: Path, version: str) -> None:
             torch.save({"state_dict": state_dict, "meta": {**meta, "version": version}}, folder / WEIGHTS)
 
         version = self._new_version(write, card)
-        self._serve(version, "publish")
+        assert version is not None  # None only when adopting a file that changed under it
         return version
 
     def adopt_serving(self) -> str | None:

@@ -11,7 +11,7 @@ What it shares with the segmentation model's train task:
   checkpoints that let a killed run go on, progress in ``/info``;
 * the model store, versions and cards, and the publish rule (:func:`lib.model.engine.publishable`):
   a run starts from the served click weights and publishes only when nothing is served yet or it
-  scores at least as well on the held-out scans.
+  scores at least as well on the held-out scans; a refused run is kept as a version that is not served.
 
 The score is the Dice of the answer to simulated clicks on ``val_samples`` windows drawn with a
 fixed seed (each network runs its own simulated rounds, as in use).
@@ -154,10 +154,6 @@ class PanTSClickTrain(TrainTask):
         result = {**stats, "loss": round(float(np.mean(losses[-50:])), 4), "val_metric": round(new_score, 4),
                   "baseline_metric": None if baseline is None else round(baseline, 4), "steps": opts.steps}
         checkpoint.remove()
-        if not publish:
-            logger.info(f"click model: val {new_score:.4f} is below the served {baseline:.4f}: not published")
-            result["published"] = False
-            return result
         card = {
             "preset": self.store.preset, "network": "ClickNet (SegResNet on 2x2x2 blocks)",
             "training_scans": {"count": len(train), "ids": train_ids[:50]}, "validation_scans": len(val),
@@ -169,6 +165,12 @@ class PanTSClickTrain(TrainTask):
         }
         meta = {"labels": self.labelmap.names, "summary": f"click model: val Dice {new_score:.3f} on {len(val)} scans",
                 "click_config": self.cfg.model_dump(mode="json")}
+        if not publish:
+            reason = f"val Dice {new_score:.4f} < served {baseline:.4f} on the same {len(val)} scans"
+            version = self.store.keep(state, meta, {**card, "summary": f"refused click model: {reason}"}, reason)
+            logger.info(f"click model: not published, stored as {version}: {reason}")
+            result.update(published=False, version=version)
+            return result
         version = self.store.publish(state, meta, card)
         logger.info(f"click model {version} published: val {new_score:.4f} (served: {baseline})")
         result.update(published=True, version=version)

@@ -6,7 +6,8 @@ large offline runs. Progress goes to a stats JSON beside the model, which ``/inf
 ``train_stats``. A new model is published, as a new version of the model store with its card
 (:mod:`lib.model.model_store`, :mod:`lib.model.model_card`), only after it matched or beat the
 served one on the same fixed, center-stratified validation set; the infer task reloads it by file
-mtime, without a restart. Each epoch ends with a checkpoint: a killed run started again with the
+mtime, without a restart. A refused run is stored as a version that is not served (its card says
+why), so an admin can still inspect or serve it. Each epoch ends with a checkpoint: a killed run started again with the
 same data and options goes on from its last epoch.
 
 Devices: one CUDA GPU with mixed precision; several GPUs with torch DDP (one process per GPU,
@@ -422,7 +423,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     publish = best_state is not None and publishable(best_metric if val else None, baseline)
     train_time = time.time() - t_train
     version = None
-    if publish:
+    if best_state is not None:  # published, or kept as an unserved version that says why not
         meta = {
             "labels": plan.labelmap.names,
             "preset": plan.preset_name,
@@ -450,10 +451,14 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             "training_time_s": round(train_time, 1),
             "precision": engine.precision,
         }
-        version = ModelStore(plan.store_root, plan.preset_name, plan.dataset).publish(best_state, meta, card)  # type: ignore[arg-type]
-        logger.info(f"published model version {version} ({plan.model_path}): {meta['summary']}")
-    else:
-        logger.info(f"kept the current model: new {best_metric:.4f} < current {baseline}")
+        store = ModelStore(plan.store_root, plan.preset_name, plan.dataset)
+        if publish:
+            version = store.publish(best_state, meta, card)  # type: ignore[arg-type]
+            logger.info(f"published model version {version} ({plan.model_path}): {meta['summary']}")
+        else:
+            reason = f"val mean Dice {best_metric:.4f} < served {baseline:.4f} on the same {len(val)} scans"
+            version = store.keep(best_state, meta, {**card, "summary": f"refused: {reason}"}, reason)  # type: ignore[arg-type]
+            logger.info(f"kept the current model; this run is stored as {version}, not served: {reason}")
     checkpoint.remove()
     stats.update(published=bool(publish), version=version, best_metric=round(best_metric, 4) if val else None,
                  train_time_s=round(train_time, 2))

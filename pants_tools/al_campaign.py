@@ -67,6 +67,9 @@ class CampaignSpec:
     # Scans pinned as every round's validation set (the publish gate), the same for every strategy
     # of a seed and never trained on; 0: each run splits its own labelled scans (the product default).
     val_scans: int = 0
+    # Serve every round's fine-tune, even one the publish gate refused (the row still records the
+    # gate's verdict): the curves then measure what the labels taught, not the gate's noise.
+    serve_every_round: bool = False
 
     @property
     def folder(self) -> Path:
@@ -198,6 +201,8 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
         t0 = time.time()
         res = trainer({**spec.train_request, **({"validation_ids": val_ids} if val_ids else {})}, ds)
         train_s = time.time() - t0
+        if spec.serve_every_round and not res.get("published") and res.get("version"):
+            trainer.store.rollback(res["version"], by="simulator")  # the refused run, kept unserved
         metrics = evaluate(ds, seg, lm)
         selected: list[str] = []
         score_s = select_s = 0.0

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dice-over", choices=["all_classes", "present_classes"], default=None,
                     help="the campaigns' Dice term: every class, or only those in the crop (default: "
                          "presets.yaml); the start model keeps the shipped recipe")
+    ap.add_argument("--serve-every-round", action="store_true",
+                    help="serve each round's fine-tune even when the publish gate refuses it (the rows "
+                         "keep the gate's verdict): the curves measure the labels, not the gate's noise")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="campaigns run in parallel (torch threads split between them)")
@@ -135,7 +138,8 @@ def _specs(args: argparse.Namespace) -> list:
         seg_cfg = seg_cfg.model_copy(update={"training": training})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
-                  device=args.device, val_scans=args.val_scans, start_weights=_start_weights_path(args) if args.start_model else None)
+                  device=args.device, val_scans=args.val_scans, serve_every_round=args.serve_every_round,
+                  start_weights=_start_weights_path(args) if args.start_model else None)
     names = list(args.strategies) + ([] if args.no_full else ["full"])
     # seeds outermost: partial results cover every strategy early
     return [CampaignSpec(strategy=s, seed=seed, **common) for seed in args.seeds for s in names]

@@ -344,9 +344,10 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
                 rec[f"gain_share_{m}"] = [round(v, 3) for v in shares]
                 rec[f"gain_share_mean_{m}"] = float(np.mean(shares)) if shares else math.nan
                 rec[f"gain_share_sd_{m}"] = float(np.std(shares, ddof=1)) if len(shares) > 1 else math.nan
-        # the publish gate: rounds whose fine-tune was served, and campaigns that, once a round before
-        # the last was refused, were never served again (the served model's validation score is the best seen
-        # on those scans so far, which later fine-tunes seldom match)
+        # the publish gate: rounds whose fine-tune it passed, and campaigns where, once it refused a round
+        # before the last, it never passed one again (the served model's validation score is the best seen
+        # on those scans so far, which later fine-tunes seldom match). With serve_every_round these are
+        # the gate's verdicts only: every fine-tune was served.
         rec["rounds_published"] = sum(r.get("published") == "True" for r in mine)
         rec["rounds_run"] = len(mine)
         stalled = 0
@@ -431,7 +432,7 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
           "over seeds; in brackets the difference from random's, paired by seed).",
         "",
         "| strategy | mean DSC | lesion DSC |" + (" gain share |" if with_gain else "")
-        + " AUBC, mean DSC | rounds published (campaigns never served again after a refusal) |"
+        + " AUBC, mean DSC | rounds the gate passed (campaigns it never passed again after a refusal) |"
         + " lesion scans served (expected at random) |",
         "| --- | --- | --- |" + (" --- |" if with_gain else "") + " --- | --- | --- |",
     ]

@@ -7,8 +7,8 @@ large offline runs. Progress goes to a stats JSON beside the model, which ``/inf
 (:mod:`lib.model.model_store`, :mod:`lib.model.model_card`), only after it matched or beat the
 served one on the same fixed, center-stratified validation set; the infer task reloads it by file
 mtime, without a restart. A refused run is stored as a version that is not served (its card says
-why), so an admin can still inspect or serve it. Each epoch ends with a checkpoint: a killed run started again with the
-same data and options goes on from its last epoch.
+why), so an admin can still inspect or serve it. Each epoch ends with a checkpoint: a killed run
+started again with the same data and options goes on from its last epoch.
 
 Devices: one CUDA GPU with mixed precision; several GPUs with torch DDP (one process per GPU,
 NCCL; MONAI Label's ``multi_gpu`` request key, on by default); the CPU otherwise. DDP also runs on

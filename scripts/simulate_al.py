@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape", type=int, nargs=3, default=None, help="phantom array shape (default 40 40 32)")
     ap.add_argument("--spacing", type=float, nargs=3, default=None, help="phantom voxel size, mm (default 3 3 3)")
     ap.add_argument("--phantom-seed", type=int, default=0)
-    ap.add_argument("--strategies", nargs="+", default=["hybrid", "random", "random_fg"], choices=STRATEGIES)
+    ap.add_argument("--strategies", nargs="*", default=["hybrid", "random", "random_fg"], choices=STRATEGIES,
+                    help="strategies to compare; none (the option alone): only the full-pool reference, e.g. "
+                         "to see how many steps a round it needs to flatten")
     seeds = ap.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="campaign seeds (default 0 1 2)")
     seeds.add_argument("--seed-set", choices=sorted(SEED_SETS),
@@ -141,6 +143,8 @@ def _specs(args: argparse.Namespace) -> list:
                   device=args.device, val_scans=args.val_scans, serve_every_round=args.serve_every_round,
                   start_weights=_start_weights_path(args) if args.start_model else None)
     names = list(args.strategies) + ([] if args.no_full else ["full"])
+    if not names:
+        raise SystemExit("simulate-al: no campaign to run: name --strategies or drop --no-full")
     # seeds outermost: partial results cover every strategy early
     return [CampaignSpec(strategy=s, seed=seed, **common) for seed in args.seeds for s in names]
 

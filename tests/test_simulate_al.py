@@ -234,3 +234,14 @@ def test_serve_every_round_serves_a_refused_fine_tune_and_keeps_the_gates_verdic
     assert stats["published"] is False and store.serving_version() == stats["version"] == "v3"
     assert store.card("v3")["published"] is False  # served, but the card still says the gate refused it
     assert [h["event"] for h in store.history()] == ["publish", "publish", "refused", "rollback"]
+
+
+def test_the_full_pool_reference_runs_alone(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    strategies = ARGS.index("--strategies")
+    args = [*ARGS[:strategies], "--strategies", *ARGS[strategies + 2:]]  # the option with no strategy
+    assert simulate_al.main(["--out", str(out), *args]) == 0
+    assert [(r["strategy"], r["round"]) for r in _rows(out / "al_rounds.csv")] == [("full", "0"), ("full", "1")]
+    assert (out / "al_curves.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no campaign to run"):
+        simulate_al.main(["--out", str(tmp_path / "none"), *args, "--no-full"])

@@ -456,9 +456,11 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     titles = {"mean_dsc": "test DSC, mean over classes", "lesion_dsc": "test lesion DSC",
               "lesion_auc": "lesion detection AUC", "whole_pancreas_dsc": "whole pancreas DSC"}
     has_full = any(r["strategy"] == "full" for r in rows)
+    strategies = sorted({r["strategy"] for r in rows} - {"full"})
+    if not strategies:  # the full-pool reference alone: its labels never change, so plot by round
+        return _plot_full_by_round(rows, path, metrics, titles, start)
     n = len(metrics) + int(has_full)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    strategies = sorted({r["strategy"] for r in rows} - {"full"})
     for ax, m in zip(axes[0], metrics):
         for s in strategies:
             by: dict[int, list[float]] = {}
@@ -496,6 +498,33 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
         ax.set_xlabel("round (same training per round)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_full_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...], titles: dict[str, str],
+                        start: dict[str, float] | None) -> Path:
+    """The full-pool reference alone, each metric by round (mean over seeds, band = min..max): does
+    more training on the same labels still pay?"""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        by: dict[int, list[float]] = {}
+        for r in rows:
+            by.setdefault(int(r["round"]), []).append(float(r[m]))
+        x = sorted(by)
+        ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", color="k", ls="--", label="full pool")
+        ax.fill_between(x, [np.nanmin(by[k]) for k in x], [np.nanmax(by[k]) for k in x], color="k", alpha=0.15)
+        if start and m in start and math.isfinite(start[m]):
+            ax.axhline(start[m], ls="-.", color="0.5", lw=1, label="start model")
+        ax.set_title(titles.get(m, m) + ", by round")
+        ax.set_xlabel("round (same training per round)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -117,4 +117,9 @@ def publishable(new: float | None, served: float | None) -> bool:
     return new is not None and new >= served
 
 
-__all__ = ["Engine", "StepTiming", "plain_state", "publishable"]
+def refusal(metric: str, new: float, served: float, scans: int) -> str:
+    """Why :func:`publishable` said no, for the refused version's card and the log."""
+    return f"{metric} {new:.4f} < served {served:.4f} on the same {scans} scans"
+
+
+__all__ = ["Engine", "StepTiming", "plain_state", "publishable", "refusal"]

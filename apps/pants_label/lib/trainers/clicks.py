@@ -38,7 +38,7 @@ from lib.core.settings import SegmentationConfig
 from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
 from lib.model.click_training import ClickCase, ClickCaseCache, fit_clicks, make_sample
 from lib.model.clicks import build_click_network
-from lib.model.engine import publishable
+from lib.model.engine import publishable, refusal
 from lib.model.metrics import dice
 from lib.model.precision import describe as describe_precision, resolve_cpu_bf16
 from lib.model.model_card import code_version, device_description
@@ -166,7 +166,7 @@ class PanTSClickTrain(TrainTask):
         meta = {"labels": self.labelmap.names, "summary": f"click model: val Dice {new_score:.3f} on {len(val)} scans",
                 "click_config": self.cfg.model_dump(mode="json")}
         if not publish:
-            reason = f"val Dice {new_score:.4f} < served {baseline:.4f} on the same {len(val)} scans"
+            reason = refusal("val Dice", new_score, baseline, len(val))  # type: ignore[arg-type]
             version = self.store.keep(state, meta, {**card, "summary": f"refused click model: {reason}"}, reason)
             logger.info(f"click model: not published, stored as {version}: {reason}")
             result.update(published=False, version=version)

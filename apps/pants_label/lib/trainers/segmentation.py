@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
-from lib.model.engine import Engine, plain_state, publishable
+from lib.model.engine import Engine, plain_state, publishable, refusal
 from lib.model.precision import resolve_cpu_bf16
 from lib.model.metrics import evaluate_case, mean_dice
 from lib.model.model_card import code_version, device_description, per_class, training_scans
@@ -456,7 +456,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             version = store.publish(best_state, meta, card)  # type: ignore[arg-type]
             logger.info(f"published model version {version} ({plan.model_path}): {meta['summary']}")
         else:
-            reason = f"val mean Dice {best_metric:.4f} < served {baseline:.4f} on the same {len(val)} scans"
+            reason = refusal("val mean Dice", best_metric, baseline, len(val))  # type: ignore[arg-type]
             version = store.keep(best_state, meta, {**card, "summary": f"refused: {reason}"}, reason)  # type: ignore[arg-type]
             logger.info(f"kept the current model; this run is stored as {version}, not served: {reason}")
     checkpoint.remove()

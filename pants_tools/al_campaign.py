@@ -463,10 +463,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for s in strategies:
-            by: dict[int, list[float]] = {}
-            for r in rows:
-                if r["strategy"] == s:
-                    by.setdefault(int(r["labels"]), []).append(float(r[m]))
+            by = _by(rows, s, "labels", m)
             x = sorted(by)
             y = np.array([np.nanmean(by[n]) for n in x])
             lo = np.array([np.nanmin(by[n]) if not np.all(np.isnan(by[n])) else np.nan for n in x])
@@ -487,10 +484,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     if has_full:  # by round: a full-pool curve that tracks the campaigns means training, not labels, limits
         ax = axes[0][-1]
         for s in [*strategies, "full"]:
-            by = {}
-            for r in rows:
-                if r["strategy"] == s:
-                    by.setdefault(int(r["round"]), []).append(float(r["mean_dsc"]))
+            by = _by(rows, s, "round", "mean_dsc")
             x = sorted(by)
             ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", ls="--" if s == "full" else "-",
                     color="k" if s == "full" else None, label=s)
@@ -498,6 +492,21 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
         ax.set_xlabel("round (same training per round)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _by(rows: list[dict[str, str]], strategy: str, x: str, metric: str) -> dict[int, list[float]]:
+    """One strategy's ``metric`` values grouped by ``x`` ("labels" or "round"), over seeds."""
+    by: dict[int, list[float]] = {}
+    for r in rows:
+        if r["strategy"] == strategy:
+            by.setdefault(int(r[x]), []).append(float(r[metric]))
+    return by
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -513,9 +522,7 @@ def _plot_full_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[s
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        by: dict[int, list[float]] = {}
-        for r in rows:
-            by.setdefault(int(r["round"]), []).append(float(r[m]))
+        by = _by(rows, "full", "round", m)
         x = sorted(by)
         ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", color="k", ls="--", label="full pool")
         ax.fill_between(x, [np.nanmin(by[k]) for k in x], [np.nanmax(by[k]) for k in x], color="k", alpha=0.15)
@@ -525,11 +532,7 @@ def _plot_full_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[s
         ax.set_xlabel("round (same training per round)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 __all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_by_seed", "full_pool_reference", "gain_shares",

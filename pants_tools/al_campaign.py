@@ -268,6 +268,48 @@ def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
     return float(np.nanmean(list(by_seed.values()))) if by_seed else math.nan
 
 
+#: the full-pool reference counts as flat when its test mean DSC gains less than this a round
+#: (least-squares slope over its last PLATEAU_WINDOW rounds): the issue asks for a reference that flattens
+PLATEAU_GAIN_PER_ROUND = 0.001
+PLATEAU_WINDOW = 4
+
+
+def reference_trend(rows: list[dict[str, str]], metric: str = "mean_dsc", window: int = PLATEAU_WINDOW,
+                    tol: float = PLATEAU_GAIN_PER_ROUND) -> dict[str, Any]:
+    """Is the full-pool reference still rising? Per seed, the least-squares slope of ``metric`` over
+    the last ``window`` "full" rounds; flat when the seeds' mean slope is below ``tol`` a round.
+    Empty when no seed has ``window`` full rounds (too short to tell)."""
+    slopes: dict[str, float] = {}
+    for seed, rs in _curves_by_round(rows, "full").items():
+        if len(rs) >= window:
+            x = np.array([int(r["round"]) for r in rs[-window:]], dtype=float)
+            y = np.array([float(r[metric]) for r in rs[-window:]], dtype=float)
+            slopes[seed] = float(np.polyfit(x, y, 1)[0])
+    if not slopes:
+        return {}
+    mean = float(np.mean(list(slopes.values())))
+    return {"metric": metric, "window": window, "tol": tol, "slope_by_seed": slopes, "slope_mean": mean,
+            "flat": mean < tol, "rounds": max(len(rs) for rs in _curves_by_round(rows, "full").values())}
+
+
+def trend_sentence(trend: dict[str, Any]) -> str:
+    """The table's line on whether the reference flattened."""
+    if not trend:
+        return f"Full-pool reference: fewer than {PLATEAU_WINDOW} rounds, too short to tell whether it flattened."
+    seeds = ", ".join(f"seed {k} {v:+.4f}" for k, v in trend["slope_by_seed"].items())
+    verdict = "flat" if trend["flat"] else "still rising"
+    return (f"Full-pool reference after {trend['rounds']} rounds: {verdict}. Its {trend['metric']} gains "
+            f"{trend['slope_mean']:+.4f} a round over its last {trend['window']} rounds ({seeds}); "
+            f"flat means under {trend['tol']:.3f} a round.")
+
+
+def _curves_by_round(rows: list[dict[str, str]], strategy: str) -> dict[str, list[dict[str, str]]]:
+    """One strategy's rows per seed, in round order."""
+    return {seed: sorted((r for r in rows if r["strategy"] == strategy and r["seed"] == seed),
+                         key=lambda r: int(r["round"]))
+            for seed in sorted({r["seed"] for r in rows if r["strategy"] == strategy})}
+
+
 def gain_shares(campaign: list[dict[str, str]], full_rows: list[dict[str, str]], metric: str,
                 start: float) -> list[float]:
     """Per seed: the campaign's gain over the start model at its last round, as a share of the same
@@ -386,9 +428,10 @@ def pool_lesion_share(rows: list[dict[str, str]]) -> float:
     return int(r["lesion_scans_labelled"]) / int(r["labels"])
 
 
-def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
+def markdown_table(summary: list[dict[str, Any]], seeds: list[int], trend: dict[str, Any] | None = None) -> str:
     """The README table: labels to 95% of the full-pool value (mean +- s.d. over seeds, share of
-    random's) per metric, and lesion scans served against the number expected at random."""
+    random's) per metric, and lesion scans served against the number expected at random; with
+    ``trend`` (:func:`reference_trend`), a closing line on whether the full-pool reference flattened."""
     rnd = next((r for r in summary if r["strategy"] == "random"), None)
 
     def cell(r: dict[str, Any], m: str) -> str:
@@ -441,6 +484,8 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int]) -> str:
                      + (f"{gain(r)} | " if with_gain else "") + f"{area(r)} | "
                      + f"{r['rounds_published']} of {r['rounds_run']} ({r['campaigns_stalled']}) | "
                      + f"{r['final_lesion_scans']:.1f} of {r['final_labels']} ({r['expected_lesion_scans']:.1f}) |")
+    if trend is not None:
+        lines += ["", trend_sentence(trend)]
     return "\n".join(lines) + "\n"
 
 
@@ -536,5 +581,5 @@ def _plot_full_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[s
 
 
 __all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_by_seed", "full_pool_reference", "gain_shares",
-           "labels_to_reach", "markdown_table", "plot_curves", "pool_lesion_share", "read_rows", "run_campaign",
-           "summarize"]
+           "labels_to_reach", "markdown_table", "plot_curves", "pool_lesion_share", "read_rows", "reference_trend",
+           "run_campaign", "summarize", "trend_sentence"]

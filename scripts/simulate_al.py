@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     bar.n = _count_rows(specs)
     bar.close()
 
-    from pants_tools.al_campaign import FIELDS, markdown_table, plot_curves, read_rows, summarize
+    from pants_tools.al_campaign import (FIELDS, markdown_table, plot_curves, read_rows, reference_trend, summarize,
+                                         trend_sentence)
 
     rows = [r for s in specs for r in read_rows(s.folder / "rounds.csv")]
     with open(args.out / f"al_rounds{suffix}.csv", "w", newline="") as fh:
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(summary)
-    (args.out / f"al_table{suffix}.md").write_text(markdown_table(summary, args.seeds))
+    trend = reference_trend(rows)
+    (args.out / f"al_table{suffix}.md").write_text(markdown_table(summary, args.seeds, trend))
     plot_curves(rows, args.out / f"al_curves{suffix}.png", start=(start or {}).get("test"))
     if start:
         print(f"start model on the test split: {start['test']}")
@@ -357,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['final_lesion_scans']:>6.2f} of {r['final_labels']}"
               + (f" {share(r.get('gain_share_mean_mean_dsc', math.nan)):>11}" if start else "")
               + f" {r['aubc_mean_mean_dsc']:>7.4f} {r['aubc_vs_random_mean_mean_dsc']:>+10.4f}")
+    print(trend_sentence(trend))
     print(f"wrote {', '.join(str(args.out / f'{n}{suffix}.{e}') for n, e in (('al_rounds', 'csv'), ('al_summary', 'csv'), ('al_table', 'md'), ('al_curves', 'png')))}")
     return 0
 

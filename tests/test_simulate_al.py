@@ -243,5 +243,25 @@ def test_the_full_pool_reference_runs_alone(tmp_path: Path) -> None:
     assert simulate_al.main(["--out", str(out), *args]) == 0
     assert [(r["strategy"], r["round"]) for r in _rows(out / "al_rounds.csv")] == [("full", "0"), ("full", "1")]
     assert (out / "al_curves.png").stat().st_size > 1000
+    assert "too short to tell whether it flattened" in (out / "al_table.md").read_text()
     with pytest.raises(SystemExit, match="no campaign to run"):
         simulate_al.main(["--out", str(tmp_path / "none"), *args, "--no-full"])
+
+
+def test_the_table_says_whether_the_full_pool_reference_flattened() -> None:
+    from pants_tools.al_campaign import markdown_table, reference_trend, summarize
+
+    def full(seed: int, values: list[float]) -> list[dict[str, str]]:
+        return [{"strategy": "full", "seed": str(seed), "round": str(k), "labels": "88", "mean_dsc": str(v),
+                 "lesion_dsc": "0", "lesion_scans_labelled": "10", "published": "True"} for k, v in enumerate(values)]
+
+    rising = full(3, [0.50, 0.51, 0.52, 0.53, 0.54, 0.55])  # +0.01 a round to the end
+    levelled = full(4, [0.50, 0.55, 0.570, 0.5702, 0.5699, 0.5701])  # the last 4 rounds within 0.0003
+    trend = reference_trend(levelled)
+    assert trend["flat"] and abs(trend["slope_mean"]) < 1e-3 and trend["rounds"] == 6
+    trend = reference_trend(rising + levelled)
+    assert trend["slope_by_seed"]["3"] == pytest.approx(0.01) and not trend["flat"]
+    table = markdown_table(summarize(rising + levelled), [3, 4], trend)
+    assert "Full-pool reference after 6 rounds: still rising." in table
+    assert "seed 3 +0.0100" in table and "flat means under 0.001 a round" in table
+    assert reference_trend(full(3, [0.5, 0.6, 0.7])) == {}  # 3 rounds: too short to tell

@@ -489,6 +489,10 @@ def markdown_table(summary: list[dict[str, Any]], seeds: list[int], trend: dict[
     return "\n".join(lines) + "\n"
 
 
+TITLES = {"mean_dsc": "test DSC, mean over classes", "lesion_dsc": "test lesion DSC",
+          "lesion_auc": "lesion detection AUC", "whole_pancreas_dsc": "whole pancreas DSC"}
+
+
 def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc", "lesion_auc"),
                 start: dict[str, float] | None = None) -> Path:
     """Learning curves per strategy: mean over seeds, band = min..max over seeds; full pool dashed;
@@ -498,12 +502,10 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    titles = {"mean_dsc": "test DSC, mean over classes", "lesion_dsc": "test lesion DSC",
-              "lesion_auc": "lesion detection AUC", "whole_pancreas_dsc": "whole pancreas DSC"}
     has_full = any(r["strategy"] == "full" for r in rows)
     strategies = sorted({r["strategy"] for r in rows} - {"full"})
     if not strategies:  # the full-pool reference alone: its labels never change, so plot by round
-        return _plot_full_by_round(rows, path, metrics, titles, start)
+        return plot_by_round(rows, path, metrics, start)
     n = len(metrics) + int(has_full)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -522,7 +524,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
                 ax.axhline(0.95 * ref, ls=":", color="k", lw=1, label="95% of full pool")
         if start and m in start and math.isfinite(start[m]):
             ax.axhline(start[m], ls="-.", color="0.5", lw=1, label="start model")
-        ax.set_title(titles.get(m, m))
+        ax.set_title(TITLES.get(m, m))
         ax.set_xlabel("labelled scans")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -559,21 +561,26 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _plot_full_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...], titles: dict[str, str],
-                        start: dict[str, float] | None) -> Path:
-    """The full-pool reference alone, each metric by round (mean over seeds, band = min..max): does
-    more training on the same labels still pay?"""
+def plot_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...] = ("mean_dsc", "lesion_dsc", "lesion_auc"),
+                  start: dict[str, float] | None = None, groups: dict[str, str] | None = None) -> Path:
+    """Each metric by round (mean over seeds, band = min..max) for each ``groups`` entry (legend ->
+    the rows' "strategy"; default the full-pool reference alone): does more training on the same
+    labels still pay, and under which setting does it pay sooner?"""
     import matplotlib.pyplot as plt
 
+    groups = groups or {"full pool": "full"}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        by = _by(rows, "full", "round", m)
-        x = sorted(by)
-        ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", color="k", ls="--", label="full pool")
-        ax.fill_between(x, [np.nanmin(by[k]) for k in x], [np.nanmax(by[k]) for k in x], color="k", alpha=0.15)
+        for label, strategy in groups.items():
+            by = _by(rows, strategy, "round", m)
+            x = sorted(by)
+            style = {"color": "k", "ls": "--"} if len(groups) == 1 else {}
+            (line,) = ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", label=label, **style)
+            ax.fill_between(x, [np.nanmin(by[k]) for k in x], [np.nanmax(by[k]) for k in x],
+                            color=line.get_color(), alpha=0.15)
         if start and m in start and math.isfinite(start[m]):
             ax.axhline(start[m], ls="-.", color="0.5", lw=1, label="start model")
-        ax.set_title(titles.get(m, m) + ", by round")
+        ax.set_title(TITLES.get(m, m) + ", by round")
         ax.set_xlabel("round (same training per round)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -581,5 +588,5 @@ def _plot_full_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[s
 
 
 __all__ = ["CampaignSpec", "FIELDS", "evaluate", "full_pool_by_seed", "full_pool_reference", "gain_shares",
-           "labels_to_reach", "markdown_table", "plot_curves", "pool_lesion_share", "read_rows", "reference_trend",
-           "run_campaign", "summarize", "trend_sentence"]
+           "labels_to_reach", "markdown_table", "plot_by_round", "plot_curves", "pool_lesion_share", "read_rows",
+           "reference_trend", "run_campaign", "summarize", "trend_sentence"]

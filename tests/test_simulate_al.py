@@ -265,3 +265,35 @@ def test_the_table_says_whether_the_full_pool_reference_flattened() -> None:
     assert "Full-pool reference after 6 rounds: still rising." in table
     assert "seed 3 +0.0100" in table and "flat means under 0.001 a round" in table
     assert reference_trend(full(3, [0.5, 0.6, 0.7])) == {}  # 3 rounds: too short to tell
+
+
+def test_compare_al_runs_puts_references_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pants_tools.al_campaign import FIELDS
+
+    cspec = importlib.util.spec_from_file_location("compare_al_runs", REPO / "scripts" / "compare_al_runs.py")
+    compare = importlib.util.module_from_spec(cspec)
+    cspec.loader.exec_module(compare)
+
+    def write_run(folder: Path, seed: int, values: list[float]) -> None:
+        (folder / "runs" / f"full_s{seed}").mkdir(parents=True)
+        with open(folder / "runs" / f"full_s{seed}" / "rounds.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=FIELDS, restval="0")
+            w.writeheader()
+            w.writerows({"strategy": "full", "seed": seed, "round": k, "labels": 88, "mean_dsc": v,
+                         "published": True, "selected": "[]"} for k, v in enumerate(values))
+
+    write_run(tmp_path / "slow", 0, [0.50, 0.51, 0.52, 0.53, 0.54])
+    write_run(tmp_path / "slow", 3, [0.9] * 5)  # another seed: left out by --seeds 0
+    write_run(tmp_path / "fast", 0, [0.50, 0.60, 0.61, 0.6101, 0.6102, 0.6101])
+    out = tmp_path / "cmp" / "lr"
+    assert compare.main(["--run", f"lr 3e-4={tmp_path / 'slow'}", "--run", f"lr 1e-3={tmp_path / 'fast'}",
+                         "--seeds", "0", "--out", str(out)]) == 0
+    rows = _rows(out.with_suffix(".csv"))
+    assert [(r["run"], r["round"]) for r in rows][:2] == [("lr 3e-4", "0"), ("lr 3e-4", "1")] and len(rows) == 11
+    assert out.with_suffix(".png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "after 5 rounds: still rising" in printed and "after 6 rounds: flat" in printed
+    with pytest.raises(SystemExit, match="expected LABEL=OUT"):
+        compare.main(["--run", str(tmp_path / "slow"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no 'full' rows for seeds 5"):
+        compare.main(["--run", f"a={tmp_path / 'slow'}", "--seeds", "5", "--out", str(out)])

@@ -279,8 +279,9 @@ def reference_trend(rows: list[dict[str, str]], metric: str = "mean_dsc", window
     """Is the full-pool reference still rising? Per seed, the least-squares slope of ``metric`` over
     the last ``window`` "full" rounds; flat when the seeds' mean slope is below ``tol`` a round.
     Empty when no seed has ``window`` full rounds (too short to tell)."""
+    curves = _curves_by_seed([r for r in rows if r["strategy"] == "full"], order="round")
     slopes: dict[str, float] = {}
-    for seed, rs in _curves_by_round(rows, "full").items():
+    for seed, rs in curves.items():
         if len(rs) >= window:
             x = np.array([int(r["round"]) for r in rs[-window:]], dtype=float)
             y = np.array([float(r[metric]) for r in rs[-window:]], dtype=float)
@@ -289,7 +290,7 @@ def reference_trend(rows: list[dict[str, str]], metric: str = "mean_dsc", window
         return {}
     mean = float(np.mean(list(slopes.values())))
     return {"metric": metric, "window": window, "tol": tol, "slope_by_seed": slopes, "slope_mean": mean,
-            "flat": mean < tol, "rounds": max(len(rs) for rs in _curves_by_round(rows, "full").values())}
+            "flat": mean < tol, "rounds": max(len(rs) for rs in curves.values())}
 
 
 def trend_sentence(trend: dict[str, Any]) -> str:
@@ -301,13 +302,6 @@ def trend_sentence(trend: dict[str, Any]) -> str:
     return (f"Full-pool reference after {trend['rounds']} rounds: {verdict}. Its {trend['metric']} gains "
             f"{trend['slope_mean']:+.4f} a round over its last {trend['window']} rounds ({seeds}); "
             f"flat means under {trend['tol']:.3f} a round.")
-
-
-def _curves_by_round(rows: list[dict[str, str]], strategy: str) -> dict[str, list[dict[str, str]]]:
-    """One strategy's rows per seed, in round order."""
-    return {seed: sorted((r for r in rows if r["strategy"] == strategy and r["seed"] == seed),
-                         key=lambda r: int(r["round"]))
-            for seed in sorted({r["seed"] for r in rows if r["strategy"] == strategy})}
 
 
 def gain_shares(campaign: list[dict[str, str]], full_rows: list[dict[str, str]], metric: str,
@@ -334,9 +328,9 @@ def aubc(labels: list[float], values: list[float]) -> float:
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
 
-def _curves_by_seed(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
-    """Each seed's rows in label order (one campaign's curve)."""
-    return {seed: sorted((r for r in rows if r["seed"] == seed), key=lambda r: int(r["labels"]))
+def _curves_by_seed(rows: list[dict[str, str]], order: str = "labels") -> dict[str, list[dict[str, str]]]:
+    """Each seed's rows in ``order`` ("labels" or "round"; one campaign's curve)."""
+    return {seed: sorted((r for r in rows if r["seed"] == seed), key=lambda r: int(r[order]))
             for seed in sorted({r["seed"] for r in rows})}
 
 

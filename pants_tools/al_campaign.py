@@ -275,11 +275,11 @@ PLATEAU_WINDOW = 4
 
 
 def reference_trend(rows: list[dict[str, str]], metric: str = "mean_dsc", window: int = PLATEAU_WINDOW,
-                    tol: float = PLATEAU_GAIN_PER_ROUND) -> dict[str, Any]:
-    """Is the full-pool reference still rising? Per seed, the least-squares slope of ``metric`` over
-    the last ``window`` "full" rounds; flat when the seeds' mean slope is below ``tol`` a round.
-    Empty when no seed has ``window`` full rounds (too short to tell)."""
-    curves = _curves_by_seed([r for r in rows if r["strategy"] == "full"], order="round")
+                    tol: float = PLATEAU_GAIN_PER_ROUND, strategy: str = "full") -> dict[str, Any]:
+    """Is the full-pool reference (or ``strategy``) still rising? Per seed, the least-squares slope of
+    ``metric`` over its last ``window`` rounds; flat when the seeds' mean slope is below ``tol`` a round.
+    Empty when no seed has ``window`` rounds (too short to tell)."""
+    curves = _curves_by_seed([r for r in rows if r["strategy"] == strategy], order="round")
     slopes: dict[str, float] = {}
     for seed, rs in curves.items():
         if len(rs) >= window:
@@ -293,13 +293,13 @@ def reference_trend(rows: list[dict[str, str]], metric: str = "mean_dsc", window
             "flat": mean < tol, "rounds": max(len(rs) for rs in curves.values())}
 
 
-def trend_sentence(trend: dict[str, Any]) -> str:
-    """The table's line on whether the reference flattened."""
+def trend_sentence(trend: dict[str, Any], name: str = "Full-pool reference") -> str:
+    """The table's line on whether the reference (``name``) flattened."""
     if not trend:
-        return f"Full-pool reference: fewer than {PLATEAU_WINDOW} rounds, too short to tell whether it flattened."
+        return f"{name}: fewer than {PLATEAU_WINDOW} rounds, too short to tell whether it flattened."
     seeds = ", ".join(f"seed {k} {v:+.4f}" for k, v in trend["slope_by_seed"].items())
     verdict = "flat" if trend["flat"] else "still rising"
-    return (f"Full-pool reference after {trend['rounds']} rounds: {verdict}. Its {trend['metric']} gains "
+    return (f"{name} after {trend['rounds']} rounds: {verdict}. Its {trend['metric']} gains "
             f"{trend['slope_mean']:+.4f} a round over its last {trend['window']} rounds ({seeds}); "
             f"flat means under {trend['tol']:.3f} a round.")
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         at_last = [r for r in mine if int(r["round"]) == last]
         vals = [sum(float(r[m]) for r in at_last) / len(at_last) for m in args.metrics]
         print(f"{label:<16} {last + 1:>6} " + " ".join(f"{v:>11.4f}" for v in vals))
-        print(f"  {trend_sentence(reference_trend([{**r, 'strategy': 'full'} for r in mine]))}")
+        print(f"  {trend_sentence(reference_trend(mine, strategy=args.strategy), name=label)}")
     print(f"wrote {args.out.with_suffix('.csv')}, {args.out.with_suffix('.png')}")
     return 0
 

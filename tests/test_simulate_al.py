@@ -292,7 +292,7 @@ def test_compare_al_runs_puts_references_side_by_side(tmp_path: Path, capsys: py
     assert [(r["run"], r["round"]) for r in rows][:2] == [("lr 3e-4", "0"), ("lr 3e-4", "1")] and len(rows) == 11
     assert out.with_suffix(".png").stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "after 5 rounds: still rising" in printed and "after 6 rounds: flat" in printed
+    assert "lr 3e-4 after 5 rounds: still rising" in printed and "lr 1e-3 after 6 rounds: flat" in printed
     with pytest.raises(SystemExit, match="expected LABEL=OUT"):
         compare.main(["--run", str(tmp_path / "slow"), "--out", str(out)])
     with pytest.raises(SystemExit, match="no 'full' rows for seeds 5"):

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=40, help="labelled phantoms (the trainer holds 20%% out for validation)")
     p.add_argument("--n-test", type=int, default=10, help="held-out test phantoms")
     p.add_argument("--test-lesions", type=int, default=5, help="test phantoms with a forced lesion")
+    p.add_argument("--train-lesions", type=int, default=None,
+                   help="training phantoms with a lesion, spread evenly (default: 11%%, PanTS's share); "
+                        "another count gets a phantom set of its own")
     p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 112), help="phantom array size")
     p.add_argument("--spacing", type=float, nargs=3, default=(2.9, 2.9, 3.6), help="phantom voxel size, mm")
     p.add_argument("--data-seed", type=int, default=0, help="phantom seed")
@@ -86,9 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_data(args: argparse.Namespace) -> Path:
     geo = "x".join(map(str, args.shape)) + "_" + "x".join(f"{s:g}" for s in args.spacing)
-    root = args.data or REPO / "data" / f"bench_learning_{geo}_s{args.data_seed}"
+    k = max(1, round(0.11 * args.n_train)) if args.train_lesions is None else args.train_lesions
+    if not 0 <= k <= args.n_train:
+        raise SystemExit(f"--train-lesions {k}: must be between 0 and --n-train {args.n_train}")
+    # The skip-complete-cases resume of write_pants_tree cannot tell lesion shares apart: own folder.
+    tag = "" if args.train_lesions is None else f"_tl{k}"
+    root = args.data or REPO / "data" / f"bench_learning_{geo}_s{args.data_seed}{tag}"
     n = args.n_train + args.n_test
-    k = max(1, round(0.11 * args.n_train))
     lesions = {i: (i * k) // args.n_train != ((i + 1) * k) // args.n_train for i in range(args.n_train)}
     lesions.update({args.n_train + j: j < args.test_lesions for j in range(args.n_test)})
     write_pants_tree(root, n, shape=args.shape, spacing=args.spacing, seed=args.data_seed, n_test=args.n_test,

@@ -201,3 +201,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "wrote 2 cases" in out and "tumor-positive" in out and "MiB" in out
     with pytest.raises(SystemExit):
         cli.main(["--out", str(tmp_path), "--n", "2", "--n-test", "3"])
+
+    # A cohort's tumour scans, all held out: every case has a lesion mask and a cohort center.
+    rich = tmp_path / "cohort_lesions"
+    assert cli.main(["--out", str(rich), "--n", "3", "--n-test", "3", "--cohort", "--lesions", "all",
+                     "--shape", *map(str, TINY), "--spacing", "6", "6", "6", "--no-progress"]) == 0
+    assert "tumor-positive: 3 (100.0%)" in capsys.readouterr().out
+    meta = read_metadata(rich / "metadata.csv")
+    assert all(m.tumor and m.center.startswith("site_") for m in meta.values())
+    for case in meta:
+        lesion = rich / "LabelTe" / case / "segmentations" / "pancreatic_lesion.nii.gz"
+        assert np.asarray(nib.load(lesion).dataobj).any()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path / "bad"), "--n", "2", "--cohort", str(tmp_path / "no_such.yaml")])
+    assert "--cohort" in capsys.readouterr().err

@@ -415,6 +415,9 @@ def build_parser(lm: LabelMap) -> argparse.ArgumentParser:
                    help="the model version that made --pred, when no model.json from batch_infer.py is there")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes scoring cases in parallel (default 1)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--print-by", choices=GROUP_FIELDS, metavar="FIELD",
+                   help="also print a Markdown table of mean DSC per class and tumour detection, overall and "
+                   f"per value of this metadata field ({', '.join(GROUP_FIELDS)}); needs --metadata")
     p.add_argument("--list-classes", action="store_true", help="print the class ids, names and NSD tolerances and exit")
     return p
 
@@ -510,10 +513,39 @@ def prediction_model(pred: Path, version: str | None) -> dict[str, Any]:
     return {"version": None, "note": f"unknown: no model.json in {pred} or its parent, no --model-version"}
 
 
+def _detected(d: dict[str, Any]) -> str:
+    """Tumour scans called positive, and clean scans called negative, as counts."""
+    parts = [f"{d['tp']}/{d['n_pos']} found"] if d["n_pos"] else []
+    parts += [f"{d['tn']}/{d['n_neg']} clean"] if d["n_neg"] else []
+    return ", ".join(parts) or "-"
+
+
+def group_table(summary: dict[str, Any], by: str) -> str:
+    """Mean DSC per scored class and tumour detection, overall and per value of ``by``, in Markdown."""
+    groups = summary[f"by_{by}"]
+    names = sorted(groups["classes"])
+    head = ["class", f"all ({summary['n_cases']})"]
+    head += [f"{g} ({max(c['n_cases'] for c in groups['classes'][g].values())})" for g in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def dsc(stats: dict[str, Any] | None) -> str:  # "-": the class is in no truth and no prediction there
+        v = stats["dsc_mean"] if stats else None
+        return "-" if v is None or math.isnan(v) else f"{v:.3f}"
+
+    for cls, stats in summary["classes"].items():
+        cells = [cls, dsc(stats)] + [dsc(groups["classes"][g].get(cls)) for g in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["tumour scans", _detected(summary["detection"])] + [_detected(groups["detection"][g]) for g in names]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace, lm: LabelMap) -> dict[str, Any]:
     """Evaluate and write every output; returns the summary dict."""
     if args.workers < 1:
         raise EvaluationError(f"--workers must be >= 1, got {args.workers}")
+    if args.print_by and not args.metadata:
+        raise EvaluationError(f"--print-by {args.print_by} needs --metadata")
     pairs, missing = pair_cases(args.pred, args.truth, args.allow_missing)
     cases = [c for c, _, _ in pairs]
     meta = load_metadata(args.metadata)
@@ -580,6 +612,8 @@ def run(args: argparse.Namespace, lm: LabelMap) -> dict[str, Any]:
     mo = summary["mean_over_classes"]
     log.info("%d cases, model %s: mean DSC %.4f, mean NSD %.4f over classes; tumour AUC %.4f -> %s",
              len(results), summary["model"].get("version") or "unknown", mo["dsc"], mo["nsd"], det_metrics["auc"], out)
+    if args.print_by:
+        print(group_table(summary, args.print_by), flush=True)
     return summary
 
 

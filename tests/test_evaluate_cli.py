@@ -129,6 +129,21 @@ def test_options_scores_threshold_metadata_truth_and_workers(data: Path) -> None
     assert one == two
 
 
+def test_print_by_phase_table(data: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    base = ["--pred", str(data / "pred"), "--truth", str(data / "truth"), "--no-plots", "--classes", "liver", "prostate"]
+    assert cli.main([*base, "--out", str(data / "e"), "--metadata", str(data / "meta.csv"),
+                     "--print-by", "contrast_phase"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| class | all (3) | arterial (1) | venous (2) |",
+        "|---|---|---|---|",
+        "| liver | 0.833 | 0.500 | 1.000 |",
+        "| prostate | - | - | - |",  # in no truth and no prediction
+        "| tumour scans | 1/2 found, 0/1 clean | 0/1 clean | 1/2 found |",
+    ]
+    assert cli.main([*base, "--out", str(data / "e2"), "--print-by", "center"]) == 2
+    assert "--print-by center needs --metadata" in caplog.text and not (data / "e2").exists()
+
+
 def test_shape_mismatch_names_the_case(data: Path, caplog: pytest.LogCaptureFixture) -> None:
     _save(np.zeros((12, 12, 9), np.uint8), data / "pred" / "b.nii.gz")
     rc = cli.main(["--pred", str(data / "pred"), "--truth", str(data / "truth"), "--out", str(data / "e")])

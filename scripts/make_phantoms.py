@@ -6,8 +6,9 @@ PanTS class in ``LabelTr/PanTS_XXXXXXXX/segmentations/<name>.nii.gz``; the last
 ``--n-test`` cases go to ``ImageTe/`` and ``LabelTe/``. ``metadata.csv`` (or ``.xlsx``)
 lists center, contrast phase, age, sex, spacing, diagnosis and tumor for every case.
 About 11% of cases carry a pancreatic lesion (``--lesions all``/``none`` forces it on or off;
-``--cohort`` draws centers, phases, lesions and their volumes from a PanTS cohort spec). Re-running the same command skips cases
-that are already complete, so an interrupted run can simply be started again.
+``--cohort`` draws centers, phases, lesions and their volumes from a PanTS cohort spec).
+Re-running the same command skips cases that are already complete, so an interrupted run can
+simply be started again.
 
 Examples:
     python scripts/make_phantoms.py --out data/phantoms --n 20

@@ -6,7 +6,8 @@ surroundings (it is underfit: more training, or a lesion prior, would show them)
 has not learnt where lesions are). Each scan's logits are computed once; then the lesion logit is
 raised by each ``--bias`` (in log-odds: +2 multiplies the lesion's odds by e^2, about 7.4) and the
 argmax taken again. Printed per bias: mean lesion DSC over tumour scans, mean predicted lesion mL
-on tumour scans and on clean scans, and how many scans of each kind get any lesion voxel. A model
+on tumour scans and on clean scans, and how many scans of each kind get any lesion voxel; then the
+highest lesion probability in a scan, for each kind. A model
 that has learnt the lesion but is too shy gains DSC at a small bias with little drawn on clean
 scans; one that has not draws as much on clean scans as on tumour scans.
 
@@ -50,6 +51,7 @@ class ScanResult:
     truth_ml: float
     pred_ml: tuple[float, ...]  # per bias
     dsc: tuple[float, ...]  # per bias; NaN on clean scans
+    max_prob: float  # the highest lesion probability anywhere in the scan (network grid, no raise)
 
 
 def truth_label(lm: LabelMap, seg_dir: Path) -> np.ndarray:
@@ -60,17 +62,20 @@ def truth_label(lm: LabelMap, seg_dir: Path) -> np.ndarray:
     return lm.consolidate(masks)
 
 
-def lesion_logit_maps(seg: Segmenter, vol: Volume, lesion_id: int, biases: list[float]) -> list[np.ndarray]:
-    """The label map (volume grid) for each lesion-logit bias, from one network pass."""
+def lesion_logit_maps(seg: Segmenter, vol: Volume, lesion_id: int,
+                      biases: list[float]) -> tuple[list[np.ndarray], float]:
+    """The label map (volume grid) for each lesion-logit bias, from one network pass, and the
+    highest lesion probability of that pass."""
     prep = prepare(vol, seg.cfg, seg.preset)
     box = body_box(prep.image, seg.cfg, seg.preset.spacing_mm)
     logits = seg.predict_logits(prep.image[(slice(None), slice(None), *box)])
+    top = float(torch.softmax(logits, dim=1)[:, lesion_id].max())
     out = []
     for b in biases:
         raised = logits.clone()
         raised[:, lesion_id] += b
         out.append(labels_in_volume(raised, prep, box, seg.cfg.output_slab_slices))
-    return out
+    return out, top
 
 
 def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases: list[float],
@@ -86,11 +91,12 @@ def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases:
     t = truth == lid
     ml = float(np.prod(vol.spacing)) / 1000.0
     preds, dscs = [], []
-    for label in lesion_logit_maps(seg, vol, lid, biases):
+    labels, top = lesion_logit_maps(seg, vol, lid, biases)
+    for label in labels:
         p = label == lid
         preds.append(float(p.sum()) * ml)
         dscs.append(2.0 * float((p & t).sum()) / float(p.sum() + t.sum()) if t.any() else float("nan"))
-    return ScanResult(image.parent.name, bool(t.any()), float(t.sum()) * ml, tuple(preds), tuple(dscs))
+    return ScanResult(image.parent.name, bool(t.any()), float(t.sum()) * ml, tuple(preds), tuple(dscs), top)
 
 
 def table(results: list[ScanResult], biases: list[float]) -> str:
@@ -107,6 +113,13 @@ def table(results: list[ScanResult], biases: list[float]) -> str:
         lines.append(f"| {b:g} | {mean([r.dsc[i] for r in pos])} | {mean([r.pred_ml[i] for r in pos])} "
                      f"| {mean([r.pred_ml[i] for r in neg])} | {sum(r.pred_ml[i] > 0 for r in pos)}/{len(pos)} "
                      f"| {sum(r.pred_ml[i] > 0 for r in neg)}/{len(neg)} |")
+
+    def spread(rs: list[ScanResult]) -> str:
+        tops = [r.max_prob for r in rs]
+        return f"{np.median(tops):.3f} ({min(tops):.3f}-{max(tops):.3f})" if tops else "-"
+
+    lines.append(f"\nhighest lesion probability in a scan, median (range): tumour scans {spread(pos)}, "
+                 f"clean scans {spread(neg)}")
     return "\n".join(lines)
 
 
@@ -146,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["case", "tumour", "truth_ml", "bias", "pred_ml", "dsc"])
+            w.writerow(["case", "tumour", "truth_ml", "max_lesion_prob", "bias", "pred_ml", "dsc"])
             for r in results:
                 for i, b in enumerate(args.biases):
-                    w.writerow([r.case, r.tumour, round(r.truth_ml, 3), b, round(r.pred_ml[i], 3),
+                    w.writerow([r.case, r.tumour, round(r.truth_ml, 3), round(r.max_prob, 4), b, round(r.pred_ml[i], 3),
                                 "" if np.isnan(r.dsc[i]) else round(r.dsc[i], 4)])
     return 0
 

@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--images {args.images}: no {image_dir.name}/ for --split {args.split}")
     cases = sorted(p for p in image_dir.iterdir() if (p / "ct.nii.gz").is_file())[: args.limit]
     seg = Segmenter(cfg, lm, args.preset, args.model, args.device)
-    torch.set_grad_enabled(False)
-    results = [sweep_scan(seg, lm, c / "ct.nii.gz", label_dir / c.name / "segmentations", args.biases, args.box_margin)
-               for c in tqdm(cases, desc="scans", unit="scan")]
+    with torch.inference_mode():  # scoped: main() also runs inside test processes that train
+        results = [sweep_scan(seg, lm, c / "ct.nii.gz", label_dir / c.name / "segmentations", args.biases,
+                              args.box_margin) for c in tqdm(cases, desc="scans", unit="scan")]
     print(table(results, args.biases), flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from server import REPO
 
 from lib.core.labelmap import load_labelmap
@@ -56,6 +57,7 @@ def test_sweep_table_and_rows(pool: tuple[Path, Path], tmp_path: Path, capsys: p
         assert drawn == sorted(drawn)
     hit = [r for r in rows if r["tumour"] == "True" and r["bias"] == "40.0"]
     assert all(float(r["dsc"]) > 0 for r in hit)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # nothing leaks to later tests
 
 
 def test_box_margin_cuts_to_the_pancreas(pool: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

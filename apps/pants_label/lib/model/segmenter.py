@@ -524,6 +524,20 @@ class Segmenter:
             )
         return logits.float()
 
+    def body_logits(self, vol: Volume, lat: dict[str, float] | None = None
+                    ) -> tuple[torch.Tensor, Prepared, tuple[slice, slice, slice]]:
+        """Logits over the body's bounding box (:func:`body_box`) of the prepared volume, with the
+        preparation and the box, so that :func:`labels_in_volume` maps them to the volume's grid.
+        ``lat`` gets the ``pre`` and ``infer`` latencies."""
+        lat = {} if lat is None else lat
+        net = self.network()
+        with self._timer(lat, "pre"):
+            prep = prepare(vol, self.cfg, self.preset)
+            box = body_box(prep.image, self.cfg, self.preset.spacing_mm)
+        with self._timer(lat, "infer"):
+            logits = self.predict_logits(prep.image[(slice(None), slice(None), *box)], net)
+        return logits, prep, box
+
     def segment(self, vol: Volume) -> tuple[np.ndarray, dict[str, float]]:
         """Label map (uint8, the volume's own shape and orientation) and stage latencies in seconds.
 
@@ -531,12 +545,7 @@ class Segmenter:
         is background. The array has the volume's memory order (Fortran for a NIfTI).
         """
         lat: dict[str, float] = {}
-        net = self.network()
-        with self._timer(lat, "pre"):
-            prep = prepare(vol, self.cfg, self.preset)
-            box = body_box(prep.image, self.cfg, self.preset.spacing_mm)
-        with self._timer(lat, "infer"):
-            logits = self.predict_logits(prep.image[(slice(None), slice(None), *box)], net)
+        logits, prep, box = self.body_logits(vol, lat)
         with self._timer(lat, "post"):
             label = labels_in_volume(logits, prep, box, self.cfg.output_slab_slices)
             del logits

@@ -34,12 +34,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.core.labelmap import LabelMap, load_labelmap
-from lib.core.settings import load_segmentation_config
-from lib.imaging.volume_io import Volume, load_volume
-from lib.model.metrics import LESION_CLASS
-from lib.model.pancreas_stage import crop, region_box
-from lib.model.segmenter import Segmenter, body_box, labels_in_volume, prepare
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # bench_two_stage.py lives beside this script
+
+from bench_two_stage import truth_of  # noqa: E402  (its PanTS masks -> label map, as stage 2 trains on)
+from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
+from lib.core.settings import load_segmentation_config  # noqa: E402
+from lib.imaging.volume_io import Volume, load_volume  # noqa: E402
+from lib.model.metrics import LESION_CLASS  # noqa: E402
+from lib.model.pancreas_stage import crop, region_box  # noqa: E402
+from lib.model.segmenter import Segmenter, labels_in_volume  # noqa: E402
 
 SPLITS = {"train": ("ImageTr", "LabelTr"), "test": ("ImageTe", "LabelTe")}
 
@@ -54,21 +58,11 @@ class ScanResult:
     max_prob: float  # the highest lesion probability anywhere in the scan (network grid, no raise)
 
 
-def truth_label(lm: LabelMap, seg_dir: Path) -> np.ndarray:
-    """The PanTS per-structure masks of one case as one label map (the label map's overlap priority)."""
-    masks = {p.name.split(".")[0]: np.asarray(load_volume(p, dtype=None).array) > 0 for p in seg_dir.glob("*.nii.gz")}
-    if not masks:
-        raise SystemExit(f"{seg_dir}: no masks")
-    return lm.consolidate(masks)
-
-
 def lesion_logit_maps(seg: Segmenter, vol: Volume, lesion_id: int,
                       biases: list[float]) -> tuple[list[np.ndarray], float]:
     """The label map (volume grid) for each lesion-logit bias, from one network pass, and the
     highest lesion probability of that pass."""
-    prep = prepare(vol, seg.cfg, seg.preset)
-    box = body_box(prep.image, seg.cfg, seg.preset.spacing_mm)
-    logits = seg.predict_logits(prep.image[(slice(None), slice(None), *box)])
+    logits, prep, box = seg.body_logits(vol)
     top = float(torch.softmax(logits, dim=1)[:, lesion_id].max())
     out = []
     for b in biases:
@@ -82,7 +76,9 @@ def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases:
                margin: float | None) -> ScanResult:
     lid = lm.id_of(LESION_CLASS)
     vol = load_volume(image)
-    truth = truth_label(lm, seg_dir)
+    if not any(seg_dir.glob("*.nii.gz")):
+        raise SystemExit(f"{seg_dir}: no masks")
+    truth = truth_of(lm, seg_dir)
     if margin is not None:
         box = region_box(truth, lm, vol.spacing, margin)
         if box is None:

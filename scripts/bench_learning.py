@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion-weight", type=float, default=None, help="crop-centre weight of the lesion class")
     p.add_argument("--dice-over", choices=["all_classes", "present_classes"], default=None,
                    help="the loss's Dice term: every class, or those in the crop (default: presets.yaml)")
+    p.add_argument("--augment", type=float, default=None,
+                   help="share of training crops rotated and scaled at random (presets.yaml training.augment)")
     p.add_argument("--seed", type=int, default=None, help="training seed (initial weights, crops)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--save-model", type=Path, default=None,
@@ -113,6 +115,8 @@ def recipe(cfg: SegmentationConfig, lm: LabelMap, args: argparse.Namespace) -> t
         upd["crop_class_weights"] = {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}
     if args.dice_over:
         upd["dice_over"] = args.dice_over
+    if args.augment is not None:
+        upd["augment"] = t.augment.model_copy(update={"probability": args.augment})
     if args.patch:  # on every device
         upd["patch_size"] = tuple(args.patch)
         upd["cpu"] = t.cpu.model_copy(update={"patch_size": tuple(args.patch)})

@@ -117,6 +117,15 @@ class CpuTraining(FrozenConfig):
         return None if v is None else _check_patch(v)
 
 
+class AugmentConfig(FrozenConfig):
+    """``training.augment``: random in-plane rotation and isotropic scale of training crops
+    (lib/model/augment.py); no mirroring, which would swap left and right labels."""
+
+    probability: float = Field(0.0, ge=0.0, le=1.0)  # share of crops augmented; 0 = off
+    rotate_deg: float = Field(15.0, ge=0.0, le=45.0)  # about the body's long axis, either way
+    scale: float = Field(0.15, ge=0.0, lt=0.5)  # size factor drawn from [1 - scale, 1 + scale]
+
+
 class TrainingConfig(FrozenConfig):
     patch_size: IntTriple = (96, 96, 96)
     batch_size: int = Field(2, ge=1)
@@ -134,6 +143,7 @@ class TrainingConfig(FrozenConfig):
     dice_over: Literal["all_classes", "present_classes"] = "all_classes"
     # cross-entropy weight per class sqrt(background / class voxels), capped here; 1 = unweighted
     ce_weight_cap: float = Field(30.0, ge=1)
+    augment: AugmentConfig = AugmentConfig()
     cache_dir_name: str = ".cache/preprocessed"
     channels_last_3d: bool = False  # network and batches in channels-last memory format
     cpu: CpuTraining = CpuTraining()

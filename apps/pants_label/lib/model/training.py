@@ -24,7 +24,8 @@ import torch
 from lib.core.atomic import staged_dir
 from lib.core.labelmap import LabelMap
 from lib.model.segmenter import prepare, resample_label
-from lib.core.settings import Preset, SegmentationConfig
+from lib.core.settings import AugmentConfig, Preset, SegmentationConfig
+from lib.model.augment import random_transform, transformed_crop
 from lib.imaging.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
@@ -156,10 +157,12 @@ class CropSampler:
         background_weight: float,
         seed: int = 0,
         order: str = "scan_first",
+        augment: AugmentConfig | None = None,
     ) -> None:
         if order not in CROP_ORDERS:
             raise ValueError(f"crop order {order!r}: expected one of {', '.join(CROP_ORDERS)}")
         self.cases, self.patch, self.order = cases, patch, order
+        self.augment = augment if augment is not None and augment.probability > 0 else None
         self.class_weights, self.background_weight = class_weights, background_weight
         self.rng = np.random.default_rng(seed)
         # class_first: the scans that hold each class, so a class is drawn however few scans show it
@@ -205,7 +208,11 @@ class CropSampler:
         xs, ys = x.numpy(), y.numpy()  # crops are written straight into the batch: no stacking copies
         for b in range(batch_size):
             case, centre = self._draw()
-            crop(case.image, case.label, centre, self.patch, out=(xs[b, 0], ys[b, 0]))
+            matrix = random_transform(self.rng, self.augment) if self.augment else None
+            if matrix is None:
+                crop(case.image, case.label, centre, self.patch, out=(xs[b, 0], ys[b, 0]))
+            else:
+                transformed_crop(case.image, case.label, centre, self.patch, matrix, out=(xs[b, 0], ys[b, 0]))
             # Mild intensity jitter: centers differ in scanner calibration and noise.
             scale, shift = self.rng.uniform(0.9, 1.1), self.rng.uniform(-0.05, 0.05)
             xs[b, 0] *= scale

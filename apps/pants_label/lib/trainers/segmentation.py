@@ -340,7 +340,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     # Each rank draws its own crops; DDP averages the gradients (effective batch = batch x ranks).
     # A resumed run draws from a new seed (the killed run's random state is gone).
     sampler = CropSampler(train, patch, class_weights(cfg, plan.labelmap), cfg.training.crop_background_weight,
-                          seed=cfg.training.seed + rank + 1000 * (start - 1), order=cfg.training.crop_order)
+                          seed=cfg.training.seed + rank + 1000 * (start - 1), order=cfg.training.crop_order,
+                          augment=cfg.training.augment)
     ce_weight = ce_class_weights(train, plan.labelmap.num_classes + 1, cfg.training.ce_weight_cap).to(device)
     optim = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate, weight_decay=cfg.training.weight_decay)
     iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))

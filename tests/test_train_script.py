@@ -120,6 +120,9 @@ def test_torchrun_two_gloo_processes_resume_after_kill_and_publish_a_version(roo
     assert sum(scans["by_center"].values()) == sum(scans["by_phase"].values()) == scans["scans"]
     assert card["parent"] is None and card["baseline"] == {"version": None, "mean_dice": None}
     assert card["network"]["init_filters"] == 8 and card["preset"] == "fast" and card["code_version"]
+    recipe = card["recipe"]  # the crop and loss settings the run used, read from presets.yaml
+    assert recipe["augment"] == {"probability": 0.0, "rotate_deg": 15.0, "scale": 0.15}
+    assert recipe["crop_order"] == "scan_first" and recipe["crop_class_weights"]["pancreatic_lesion"] == 4.0
     per_class = card["validation"]["per_class"]
     assert set(LM.names) <= set(per_class) and all({"dsc", "nsd"} <= set(v) for v in per_class.values())
     assert card["training_time_s"] > 0

@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 #: seconds between progress writes inside an epoch (an epoch over thousands of scans is long)
 _STATS_EVERY_S = 10.0
+#: training keys the model card records as the run's recipe
+RECIPE_KEYS = {"patch_size", "batch_size", "crop_class_weights", "crop_background_weight", "crop_order",
+               "dice_over", "ce_weight_cap", "augment"}
 
 
 class TrainRequest(BaseModel):
@@ -443,6 +446,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             "summary": meta["summary"],
             "network": {"name": "SegResNet", **cfg.network.model_dump(mode="json")},
             "spacing_mm": list(preset.spacing_mm),
+            # how the crops and loss were made: runs differ in these, and the weights alone do not say
+            "recipe": cfg.training.model_dump(mode="json", include=RECIPE_KEYS),
             "classes": plan.labelmap.names,
             "validation": validation_report(best_state, val, plan, device, memory_format),  # type: ignore[arg-type]
             "baseline": {"version": plan.card.get("parent"),

@@ -125,7 +125,7 @@ def main() -> None:
     fmt_name = "channels_last_3d" if fmt else "contiguous"
 
     load0 = os.getloadavg()[0]
-    bf16 = resolve_cpu_bf16(cfg.cpu_bf16.train) and device.type == "cpu"
+    bf16 = resolve_cpu_bf16(cfg.cpu_bf16.train, training=True) and device.type == "cpu"
     precision = describe(device, bf16)
     bare = bare_step_times(cfg, lm, x, device, fmt, args.iters, bf16)
     print(f"bare ({fmt_name}): {[round(t, 2) for t in bare]} s", flush=True)

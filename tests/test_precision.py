@@ -26,6 +26,9 @@ DEMO = Path(__file__).resolve().parents[1] / "apps" / "pants_label" / "demo_mode
 def test_the_setting_resolves_on_off_and_to_the_cpu() -> None:
     assert resolve_cpu_bf16("on") is True and resolve_cpu_bf16("off") is False
     assert resolve_cpu_bf16("auto") is native_cpu_bf16()
+    # training's auto needs AMX: with AVX-512 BF16 alone (AMD EPYC) bfloat16 training made NaN weights
+    assert resolve_cpu_bf16("auto", training=True) is native_cpu_bf16(frozenset({"amx_bf16"}))
+    assert resolve_cpu_bf16("on", training=True) is True and resolve_cpu_bf16("off", training=True) is False
     assert describe(torch.device("cpu"), True) == "bfloat16 mixed"
     assert describe(torch.device("cpu"), False) == "float32"
     assert describe(torch.device("cuda"), False) == "float16 mixed"

@@ -19,25 +19,28 @@ import torch
 CpuBf16 = Literal["auto", "on", "off"]
 
 #: /proc/cpuinfo flags of CPUs with bfloat16 arithmetic in hardware
-_NATIVE_FLAGS = {"amx_bf16", "avx512_bf16"}
+_NATIVE_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+#: ``auto`` trains in bfloat16 only on these: on an AMD EPYC with AVX-512 BF16 and no AMX, bfloat16
+#: training made NaN weights in half of the active-learning campaign tests (float32: none)
+_TRAIN_FLAGS = frozenset({"amx_bf16"})
 
 
-@functools.lru_cache(maxsize=1)
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (Linux: its cpuinfo flags; elsewhere: no)."""
+@functools.lru_cache(maxsize=4)
+def native_cpu_bf16(flags: frozenset[str] = _NATIVE_FLAGS) -> bool:
+    """Whether this CPU has any of ``flags`` (Linux: its cpuinfo flags; elsewhere: no)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     for line in text.splitlines():
         if line.startswith("flags"):
-            return bool(_NATIVE_FLAGS.intersection(line.split(":", 1)[1].split()))
+            return bool(flags.intersection(line.split(":", 1)[1].split()))
     return False
 
 
-def resolve_cpu_bf16(setting: CpuBf16) -> bool:
-    """``on``/``off`` as said; ``auto``: on where the CPU has it natively."""
-    return setting == "on" or (setting == "auto" and native_cpu_bf16())
+def resolve_cpu_bf16(setting: CpuBf16, training: bool = False) -> bool:
+    """``on``/``off`` as said; ``auto``: on where the CPU has it natively (for training: AMX)."""
+    return setting == "on" or (setting == "auto" and native_cpu_bf16(_TRAIN_FLAGS if training else _NATIVE_FLAGS))
 
 
 def autocast(device: torch.device, cpu_bf16: bool) -> ContextManager:

@@ -77,7 +77,7 @@ class PanTSClickTrain(TrainTask):
         self.seg_model = Path(seg_model) if seg_model is not None else None
         self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
         self.steps = steps or cfg.training.steps
-        self.cpu_bf16 = resolve_cpu_bf16(seg_cfg.cpu_bf16.train)
+        self.cpu_bf16 = resolve_cpu_bf16(seg_cfg.cpu_bf16.train, training=True)
         self.stats_path = store.root / f"train_stats_{store.preset}.json"
         self.cache = ClickCaseCache(store.root / ".cache" / store.preset, cfg, seg_cfg, labelmap, seg_preset,
                                     self.seg_model)

@@ -351,7 +351,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     iters = max(1, math.ceil(iters / world))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.max_epochs * iters)
     engine = Engine(net, optim, sched, device, memory_format, model,
-                    cpu_bf16=resolve_cpu_bf16(cfg.cpu_bf16.train))
+                    cpu_bf16=resolve_cpu_bf16(cfg.cpu_bf16.train, training=True))
     loss_fn = lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight,  # noqa: E731
                                                     dice_over=cfg.training.dice_over)
 

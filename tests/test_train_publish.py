@@ -131,3 +131,29 @@ def test_pinned_validation_scans_gate_the_run_and_stay_out_of_training(pool) -> 
         trainer({**RUN, "validation_ids": ["PanTS_09999999", pinned[0]]}, ds)
     with pytest.raises(ValueError, match="at least one must stay for training"):
         trainer({**RUN, "validation_ids": labelled}, ds)
+
+
+def test_a_diverged_run_is_kept_unserved_and_says_why(pool, tmp_path: Path) -> None:
+    ds, _ = pool
+    # A served model whose weights hold a NaN scores 0 on validation; fine-tuning it keeps the NaN
+    # and also scores 0, a tie the metric gate alone would publish. Non-finite weights never are.
+    net = build_network(CFG, LM.num_classes)
+    state = net.state_dict()
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("nan")
+    current = tmp_path / "segresnet_fast.pt"
+    publish(state, {"labels": LM.names, "preset": "fast", "summary": "poisoned"}, current)
+    digest = _digest(current)
+    stats = PanTSTrain(CFG, LM, "fast", tmp_path, "cpu")(RUN, ds)
+    assert stats["published"] is False and _digest(current) == digest, stats
+    card = ModelStore(tmp_path, "fast").card(stats["version"])
+    assert "non-finite weights in" in card["refused"] and "training diverged" in card["refused"], card["refused"]
+
+
+def test_non_finite_names_the_tensors_holding_nan_or_inf() -> None:
+    from lib.model.engine import non_finite
+
+    state = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")]),
+             "steps": torch.tensor([7])}
+    assert non_finite(state) == ["b", "c"]
+    assert non_finite({"a": torch.ones(2)}) == []

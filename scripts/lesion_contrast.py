@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How visible are the lesions of a PanTS-layout set? Their contrast, and the best a threshold does.
 
-For each scan with a lesion: its contrast phase and diagnosis (``metadata.csv``, where present), the
+For each scan with a lesion: its contrast phase and diagnosis (``metadata.xlsx``/``.csv``, where present), the
 lesion's volume, the mean and s.d. of HU in the lesion and in the rest of the pancreas region, and
 the best lesion DSC that any single threshold "HU below the gland's median" reaches inside the
 *true* pancreas region, after smoothing with a Gaussian of ``--sigma`` voxels taken over the region
@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO / "scripts"))  # bench_two_stage.py lives beside thi
 
 from bench_two_stage import truth_of  # noqa: E402  (PanTS masks -> label map)
 from lib.core.labelmap import load_labelmap  # noqa: E402
+from lib.datastore.folder_scan import PANTS_SPLITS  # noqa: E402
+from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata  # noqa: E402
 from lib.imaging.volume_io import load_volume  # noqa: E402
 from lib.model.metrics import LESION_CLASS  # noqa: E402
-
-SPLITS = {"train": ("ImageTr", "LabelTr"), "test": ("ImageTe", "LabelTe")}
 THRESHOLDS_HU = np.arange(-100.0, 0.1, 2.0)  # below the gland's median
 
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lesion_contrast.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, required=True, help="PanTS-layout root (ImageTr/, LabelTr/, metadata.csv)")
-    p.add_argument("--split", choices=sorted(SPLITS), default="train")
+    p.add_argument("--split", choices=sorted(PANTS_SPLITS), default="train")
     p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing, voxels (0: none)")
     p.add_argument("--csv", type=Path, default=None, help="write the per-scan rows here")
     return p
@@ -71,13 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.sigma < 0:
         raise SystemExit(f"--sigma {args.sigma}: must be 0 or more")
-    img_dir, lab_dir = (args.images / d for d in SPLITS[args.split])
+    img_dir, lab_dir = (args.images / d for d in PANTS_SPLITS[args.split])
     if not img_dir.is_dir():
         raise SystemExit(f"{args.images}: no {img_dir.name}/ for --split {args.split}")
-    meta: dict[str, dict[str, str]] = {}
-    if (args.images / "metadata.csv").is_file():
-        with open(args.images / "metadata.csv", newline="") as fh:
-            meta = {r["case_id"]: r for r in csv.DictReader(fh)}
+    table_path = find_metadata(args.images)
+    meta: dict[str, CaseMeta] = read_metadata(table_path) if table_path else {}
     lm = load_labelmap()
     lid = lm.id_of(LESION_CLASS)
     region_ids = [c.id for c in lm.classes if c.group == "pancreas"]
@@ -92,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         region = np.isin(truth, region_ids)
         gland = region & ~lesion
         dsc, at = best_threshold_dsc(ct, region, lesion, args.sigma)
-        m = meta.get(case.name, {})
-        rows.append({"case": case.name, "contrast_phase": m.get("contrast_phase", ""), "diagnosis": m.get("diagnosis", ""),
+        m = meta.get(case.name)
+        rows.append({"case": case.name, "contrast_phase": (m and m.contrast_phase) or "",
+                     "diagnosis": (m and m.diagnosis) or "",
                      "lesion_ml": float(lesion.sum()) * float(np.prod(vol.spacing)) / 1000.0,
                      "lesion_hu": float(ct[lesion].mean()), "lesion_hu_sd": float(ct[lesion].std()),
                      "gland_hu": float(ct[gland].mean()) if gland.any() else float("nan"),

@@ -40,12 +40,11 @@ sys.path.insert(0, str(REPO / "scripts"))  # bench_two_stage.py lives beside thi
 from bench_two_stage import truth_of  # noqa: E402  (its PanTS masks -> label map, as stage 2 trains on)
 from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
 from lib.core.settings import load_segmentation_config  # noqa: E402
+from lib.datastore.folder_scan import PANTS_SPLITS  # noqa: E402
 from lib.imaging.volume_io import Volume, load_volume  # noqa: E402
 from lib.model.metrics import LESION_CLASS  # noqa: E402
 from lib.model.pancreas_stage import crop, region_box  # noqa: E402
 from lib.model.segmenter import Segmenter, labels_in_volume  # noqa: E402
-
-SPLITS = {"train": ("ImageTr", "LabelTr"), "test": ("ImageTe", "LabelTe")}
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="a PanTS root with labels (ImageTr/LabelTr, ImageTe/LabelTe)")
     p.add_argument("--model", type=Path, required=True, help="weights file of the preset")
     p.add_argument("--preset", default="fast", help="configs/presets.yaml preset the weights are for (default fast)")
-    p.add_argument("--split", choices=sorted(SPLITS), default="train", help="which split's scans (default train)")
+    p.add_argument("--split", choices=sorted(PANTS_SPLITS), default="train", help="which split's scans (default train)")
     p.add_argument("--box-margin", type=float, default=None, metavar="MM",
                    help="cut each scan to its true pancreas region plus MM first (the pancreas stage)")
     p.add_argument("--biases", type=float, nargs="+", default=[0, 1, 2, 3, 4], help="lesion logit raises to try")
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--preset {args.preset}: not in configs/presets.yaml ({', '.join(cfg.presets)})")
     if not args.model.is_file():
         raise SystemExit(f"--model {args.model}: no such file")
-    image_dir, label_dir = (args.images / d for d in SPLITS[args.split])
+    image_dir, label_dir = (args.images / d for d in PANTS_SPLITS[args.split])
     if not image_dir.is_dir():
         raise SystemExit(f"--images {args.images}: no {image_dir.name}/ for --split {args.split}")
     cases = sorted(p for p in image_dir.iterdir() if (p / "ct.nii.gz").is_file())[: args.limit]

@@ -25,17 +25,22 @@ _NATIVE_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 _TRAIN_FLAGS = frozenset({"amx_bf16"})
 
 
-@functools.lru_cache(maxsize=4)
-def native_cpu_bf16(flags: frozenset[str] = _NATIVE_FLAGS) -> bool:
-    """Whether this CPU has any of ``flags`` (Linux: its cpuinfo flags; elsewhere: no)."""
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux: /proc/cpuinfo; elsewhere: none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return bool(flags.intersection(line.split(":", 1)[1].split()))
-    return False
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_cpu_bf16(flags: frozenset[str] = _NATIVE_FLAGS) -> bool:
+    """Whether this CPU has any of ``flags`` (by default: computes bfloat16 natively)."""
+    return bool(flags & _cpu_flags())
 
 
 def resolve_cpu_bf16(setting: CpuBf16, training: bool = False) -> bool:

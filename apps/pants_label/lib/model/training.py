@@ -162,7 +162,7 @@ class CropSampler:
         if order not in CROP_ORDERS:
             raise ValueError(f"crop order {order!r}: expected one of {', '.join(CROP_ORDERS)}")
         self.cases, self.patch, self.order = cases, patch, order
-        self.augment = augment if augment is not None and augment.probability > 0 else None
+        self.augment = augment  # random_transform draws nothing when its probability is 0
         self.class_weights, self.background_weight = class_weights, background_weight
         self.rng = np.random.default_rng(seed)
         # class_first: the scans that hold each class, so a class is drawn however few scans show it

@@ -28,6 +28,7 @@ import torch
 
 from lib.core.al_config import ActiveLearningConfig
 from lib.core.atomic import atomic_write
+from lib.core.errors import ClientError
 from lib.datastore.pants import PanTSDatastore
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.model.metrics import auc_score, lesion_score_from_label, mean_dice
@@ -202,7 +203,10 @@ def run_campaign(spec: CampaignSpec, on_round: Callable[[], None] | None = None)
         res = trainer({**spec.train_request, **({"validation_ids": val_ids} if val_ids else {})}, ds)
         train_s = time.time() - t0
         if spec.serve_every_round and not res.get("published") and res.get("version"):
-            trainer.store.rollback(res["version"], by="simulator")  # the refused run, kept unserved
+            try:
+                trainer.store.rollback(res["version"], by="simulator")  # the refused run, kept unserved
+            except ClientError as err:  # a diverged run is never served: the campaign keeps its model
+                logger.warning("%s round %d: %s", spec.folder.name, rnd, err.detail)
         metrics = evaluate(ds, seg, lm)
         selected: list[str] = []
         score_s = select_s = 0.0

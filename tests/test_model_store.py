@@ -147,3 +147,40 @@ def test_each_dataset_gets_its_own_store_unless_model_dir_is_given(tmp_path: Pat
     assert model_dir_for(str(tmp_path / "shared"), a) == model_dir_for(str(tmp_path / "shared"), b)
     assert dataset_identity(a) == str(tmp_path / "A")
     json.dumps(ModelStore(model_dir_for(None, a), "fast").serving())  # /info can send it as it is
+
+
+def _diverged(seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights with one NaN, as a diverged run leaves them, and the name of the tensor holding it."""
+    state = _weights(seed)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("nan")
+    return state, first
+
+
+def test_diverged_weights_are_never_published_nor_served_by_rollback(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, "fast")
+    v1 = store.publish(_weights(1), _meta(), {"summary": "first"})
+    digest = sha256_file(store.serving_path)
+    bad, first = _diverged(2)
+    with pytest.raises(ValueError, match=f"non-finite weights in 1 tensors \\(first: {first}\\)"):
+        store.publish(bad, _meta(), {"summary": "diverged"})
+    assert [c["version"] for c in store.versions()] == [v1]  # nothing stored
+    kept = store.keep(bad, _meta(), {"summary": "refused"}, "training diverged")
+    with pytest.raises(ClientError) as err:
+        store.rollback(kept, by="admin")
+    assert err.value.status_code == 409 and kept in err.value.detail and first in err.value.detail, err.value.detail
+    assert sha256_file(store.serving_path) == digest and store.serving_version() == v1
+    assert [h["event"] for h in store.history()] == ["publish", "refused"]
+
+
+def test_a_segmenter_refuses_diverged_served_weights_until_good_ones_are_served(tmp_path: Path) -> None:
+    bad, first = _diverged(3)
+    path = publish(bad, _meta(), model_path(tmp_path, "fast"))  # copied in by hand, past the store
+    seg = Segmenter(CFG, LM, "fast", path)
+    for _ in range(2):  # every call says so, not only the first
+        with pytest.raises(ClientError) as err:
+            seg.network()
+        assert err.value.status_code == 503, err.value
+        assert str(path) in err.value.detail and first in err.value.detail and "rollback" in err.value.detail
+    publish(_weights(3), _meta(), path)
+    assert seg.network() is not None and seg.info.trained

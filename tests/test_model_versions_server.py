@@ -136,3 +136,34 @@ def test_rollback_over_http_and_cli_is_served_without_restart(server_a: Server, 
     listed = subprocess.run([sys.executable, str(REPO / "scripts" / "model_versions.py"), "--studies", str(a), "list"],
                             capture_output=True, text=True, cwd=REPO, timeout=120).stdout
     assert "* v2" in listed and "  v1" in listed
+
+
+def test_diverged_weights_are_refused_by_rollback_and_infer_says_why(server_a: Server, roots: tuple[Path, Path]) -> None:
+    store_dir = roots[0] / ".pants_label" / "models"
+    if not (store_dir / "versions" / "fast" / "v2").exists():
+        pytest.skip("needs the versions of the previous tests")
+    cfg = load_segmentation_config()
+    torch.manual_seed(6)
+    state = build_network(cfg, LM.num_classes).state_dict()
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("nan")
+    meta = {"labels": LM.names, "preset": "fast", "preprocessing": cfg.preprocessing.input_map()}
+    store = ModelStore(store_dir, "fast")
+    bad = store.keep(state, meta, {"summary": "diverged"}, "training diverged")
+    digest = store.serving_sha256()
+    r = requests.post(f"{server_a.url}/model/segmentation/rollback", params={"version": bad}, timeout=30)
+    assert r.status_code == 409 and "never served" in r.json()["detail"] and first in r.json()["detail"], r.text
+    assert store.serving_sha256() == digest
+
+    # copied over the served file by hand, past the store: infer answers 503 with the reason, not an empty mask
+    good = store.serving_path.read_bytes()
+    tmp = store.serving_path.with_suffix(".tmp")
+    tmp.write_bytes((store.versions_dir / bad / "model.pt").read_bytes())
+    tmp.replace(store.serving_path)
+    r = requests.post(f"{server_a.url}/infer/segmentation", params={"image": "PanTS_00000002"}, timeout=120)
+    assert r.status_code == 503 and "non-finite weights" in r.json()["detail"] and "rollback" in r.json()["detail"], \
+        r.text
+    tmp.write_bytes(good)
+    tmp.replace(store.serving_path)
+    _, params = _client(server_a).infer("segmentation", "PanTS_00000002", {})
+    assert params["trained"] is True

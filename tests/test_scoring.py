@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -162,3 +163,43 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_al_config(bad)
     with pytest.raises(ConfigError, match="pancreas_tale"):
         ActiveLearningConfig(scoring=ScoringConfig(class_weights={"pancreas_tale": 1.0})).check_labels(LM)
+
+
+def _poison(state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+
+
+def test_diverged_served_weights_stop_scoring_with_the_reason_and_keep_the_scores(pool: Path, tmp_path: Path) -> None:
+    mp = model_path(tmp_path / "model", "fast")
+    ds = PanTSDatastore(pool, state_dir=tmp_path / "state", hide_imported_labels=True)
+    method = PanTSScoring(Segmenter(CFG, LM, "fast", mp), AL)
+    _publish(mp, 0)
+    assert run_scoring(method, ds)["scored"] == 4
+    before = ds.get_image_info("PanTS_00000003")[INFO_KEY]
+    torch.manual_seed(1)
+    state = build_network(CFG, LM.num_classes).state_dict()
+    _poison(state)
+    publish(state, {"labels": LM.names}, mp)
+    os.utime(mp, (time.time() + 5, time.time() + 5))  # a new version, even on coarse clocks
+    out = run_scoring(method, ds)  # returns instead of raising: the server's watcher thread lives on
+    assert out["scored"] == 0 and "non-finite weights" in out["error"] and "rollback" in out["error"], out
+    status = json.loads((tmp_path / "state" / "scoring_status.json").read_text())
+    assert status["state"] == "error" and status["reason"] == out["error"]
+    assert ds.get_image_info("PanTS_00000003")[INFO_KEY] == before  # earlier scores still rank
+    ds.close()
+
+
+def test_a_scan_whose_scores_are_not_finite_fails_alone(pool: Path, tmp_path: Path) -> None:
+    mp = model_path(tmp_path / "model", "fast")
+    ds = PanTSDatastore(pool, state_dir=tmp_path / "state", hide_imported_labels=True)
+    method = PanTSScoring(Segmenter(CFG, LM, "fast", mp), AL)
+    _publish(mp, 0)
+    net = method.seg.network()  # finite on disk, NaN in its output (as an overflow would give)
+    _poison(dict(net.named_parameters()))
+    out = run_scoring(method, ds)
+    assert out["scored"] == 0 and out["failed"] == 4, out
+    status = json.loads((tmp_path / "state" / "scoring_status.json").read_text())
+    assert status["state"] == "done" and status["failed"] == 4
+    assert ds.scoring_todo(model_version(mp)) == [f"PanTS_0000000{i}" for i in range(1, 5)]  # none stored
+    ds.close()

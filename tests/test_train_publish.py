@@ -151,7 +151,7 @@ def test_a_diverged_run_is_kept_unserved_and_says_why(pool, tmp_path: Path) -> N
 
 
 def test_non_finite_names_the_tensors_holding_nan_or_inf() -> None:
-    from lib.model.engine import non_finite
+    from lib.model.model_store import non_finite
 
     state = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")]),
              "steps": torch.tensor([7])}

@@ -39,6 +39,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.core.al_config import ActiveLearningConfig, ScoringConfig
+from lib.core.errors import ClientError
 from lib.datastore.protocol import PanTSStore, ScoredStore
 from lib.model.model_store import read_json, write_json_atomic
 from lib.model.segmenter import Segmenter, normalize_hu, resample_image, target_shape
@@ -236,6 +237,9 @@ class ScanScorer:
         crop = self._coarse(arr[box], spacing, self.seg.preset.spacing_mm)
         probs, feat = self._stochastic(crop.contiguous(), net)
         score, cls, lesion_prob, class_scores = self._summarize(probs)
+        if not (math.isfinite(score) and math.isfinite(lesion_prob)):
+            raise ValueError(f"the model's output is not finite (uncertainty {score}, lesion probability "
+                             f"{lesion_prob}); the scan keeps its earlier score")
         emb = feat.numpy().astype(np.float32)
         emb /= max(float(np.linalg.norm(emb)), 1e-12)
         sec["uncertainty"] = time.perf_counter() - t2
@@ -375,7 +379,13 @@ def run_scoring(
             status.update(state="done", ts=time.time(), elapsed_s=round(time.time() - started, 1),
                           done=scored, total=scored, remaining=0, **summary)
             return summary
-        net = method.seg.network()
+        try:
+            net = method.seg.network()
+        except ClientError as err:  # served weights nothing can use: say so and wait for another model
+            reason = str(err.detail)
+            logger.error("scoring stopped: %s", reason)
+            status.update(state="error", reason=reason, ts=time.time(), done=scored, total=0)
+            return {"scored": scored, "failed": len(failed), "error": reason}
         if method.seg.info.trained:
             version = f"{method.seg.info.mtime:.6f}"
         status.update(state="running", model_version=version, started=started, done=0, total=len(todo),

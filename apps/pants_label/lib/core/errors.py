@@ -1,6 +1,7 @@
 """The one error type of the app, and the one writer of "unknown X; choose one of ..." messages.
 
-A :class:`ClientError` carries an HTTP status (4xx, or 5xx where a remote server failed) and a
+A :class:`ClientError` carries an HTTP status (4xx, 503 when the served model cannot be used, or 5xx
+where a remote server failed) and a
 message that names the problem; FastAPI answers it as ``{"detail": message}`` and the request
 guard answers it the same way before an endpoint runs. :class:`ConfigError` is the same type for
 a bad config file or ``--conf`` value: it stops the server at start, or answers 400 if a request
@@ -53,6 +54,11 @@ def unsupported(detail: str) -> ClientError:
 
 def unprocessable(detail: str) -> ClientError:
     return ClientError(422, detail)
+
+
+def model_unusable(detail: str) -> ClientError:
+    """The served weights cannot be used (another label map, diverged): 503 until an admin rolls back."""
+    return ClientError(503, detail)
 
 
 def unknown(what: str, value: object, choices: Collection[object], note: str = "", ordered: bool = False) -> str:

@@ -117,14 +117,9 @@ def publishable(new: float | None, served: float | None) -> bool:
     return new is not None and new >= served
 
 
-def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors in ``state`` holding NaN or inf (a diverged run)."""
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
 def refusal(metric: str, new: float, served: float, scans: int) -> str:
     """Why :func:`publishable` said no, for the refused version's card and the log."""
     return f"{metric} {new:.4f} < served {served:.4f} on the same {scans} scans"
 
 
-__all__ = ["Engine", "StepTiming", "non_finite", "plain_state", "publishable", "refusal"]
+__all__ = ["Engine", "StepTiming", "plain_state", "publishable", "refusal"]

@@ -55,6 +55,17 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors in ``state`` holding NaN or inf (a diverged run)."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def diverged(state: dict[str, torch.Tensor]) -> str | None:
+    """Why these weights must never be served (NaN or inf: their output is meaningless), or None."""
+    bad = non_finite(state)
+    return f"non-finite weights in {len(bad)} tensors (first: {bad[0]}): training diverged" if bad else None
+
+
 def publish(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> Path:
     """Write weights + meta atomically (:mod:`lib.core.atomic`): readers (infer, scoring) see either
     the old model or the new one, never a partial file. Unversioned: use :meth:`ModelStore.publish`."""
@@ -197,6 +208,9 @@ class ModelStore:
 
         ``meta`` goes inside the weights file (what infer checks: labels, preset, preprocessing).
         """
+        why = diverged(state_dict)
+        if why:  # the trainer keeps such runs with keep(); this guards every other caller
+            raise ValueError(f"refusing to publish: {why}")
         version = self._store(state_dict, meta, {**card, "published": True})
         self._serve(version, "publish")
         return version
@@ -237,8 +251,13 @@ class ModelStore:
         return version
 
     def rollback(self, version: str, by: str | None = None) -> dict[str, Any]:
-        """Serve an earlier (or any stored) version again; infer and scoring pick it up by mtime."""
+        """Serve an earlier (or any stored) version again; infer and scoring pick it up by mtime.
+        A version whose weights diverged (NaN or inf) is refused with 409: nothing could use it."""
         self.card(version)  # 404 for an unknown version
+        state = torch.load(self.versions_dir / version / WEIGHTS, map_location="cpu", weights_only=True)
+        why = diverged(state.get("state_dict", {}))
+        if why:
+            raise ClientError(409, f"version {version} is never served: {why}; choose another version")
         before = self.serving_version()
         self._serve(version, "rollback", by=by, previous=before)
         return {"version": version, "previous": before, "card": self.card(version)}

@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
-from lib.model.engine import Engine, non_finite, plain_state, publishable, refusal
+from lib.model.engine import Engine, plain_state, publishable, refusal
 from lib.model.precision import resolve_cpu_bf16
 from lib.model.metrics import evaluate_case, mean_dice
 from lib.model.model_card import code_version, device_description, per_class, training_scans
-from lib.model.model_store import ModelStore, model_path, read_json, write_json_atomic
+from lib.model.model_store import ModelStore, diverged, model_path, read_json, write_json_atomic
 from lib.model.segmenter import Segmenter, build_network
 from lib.core.settings import SegmentationConfig
 from lib.model.training import (
@@ -424,8 +424,8 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     if not lead:
         return {}
 
-    diverged = non_finite(best_state) if best_state is not None else []
-    publish = best_state is not None and not diverged and publishable(best_metric if val else None, baseline)
+    divergence = diverged(best_state) if best_state is not None else None
+    publish = best_state is not None and not divergence and publishable(best_metric if val else None, baseline)
     train_time = time.time() - t_train
     version = None
     if best_state is not None:  # published, or kept as an unserved version that says why not
@@ -463,8 +463,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             version = store.publish(best_state, meta, card)  # type: ignore[arg-type]
             logger.info(f"published model version {version} ({plan.model_path}): {meta['summary']}")
         else:
-            reason = (f"non-finite weights in {len(diverged)} tensors (first: {diverged[0]}): training diverged"
-                      if diverged else refusal("val mean Dice", best_metric, baseline, len(val)))  # type: ignore[arg-type]
+            reason = divergence or refusal("val mean Dice", best_metric, baseline, len(val))  # type: ignore[arg-type]
             version = store.keep(best_state, meta, {**card, "summary": f"refused: {reason}"}, reason)  # type: ignore[arg-type]
             logger.info(f"kept the current model; this run is stored as {version}, not served: {reason}")
     checkpoint.remove()

@@ -56,9 +56,12 @@ def unprocessable(detail: str) -> ClientError:
     return ClientError(422, detail)
 
 
-def model_unusable(detail: str) -> ClientError:
-    """The served weights cannot be used (another label map, diverged): 503 until an admin rolls back."""
-    return ClientError(503, detail)
+class ModelUnusable(ClientError, ValueError):
+    """The served weights cannot be used (another label map or input map, diverged): every request
+    that needs them answers 503 with the reason until other weights are served."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail)
 
 
 def unknown(what: str, value: object, choices: Collection[object], note: str = "", ordered: bool = False) -> str:

@@ -31,7 +31,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet
 
 from lib.model.precision import autocast, describe as describe_precision, resolve_cpu_bf16
-from lib.core.errors import model_unusable
+from lib.core.errors import ModelUnusable
 from lib.core.labelmap import LabelMap
 from lib.core.settings import Preset, SegmentationConfig
 from lib.imaging.volume_io import Reorientation, Volume, canonical_spacing, reorientation
@@ -476,19 +476,19 @@ class Segmenter:
             meta = ckpt.get("meta", {})
             names = meta.get("labels")
             if names and list(names) != self.labelmap.names:
-                raise model_unusable(
+                raise ModelUnusable(
                     f"{self.model_path}: model was trained for labels {names}, not this label map; "
                     "move it aside or retrain"
                 )
             made_for, current = meta.get("preprocessing"), self.cfg.preprocessing.input_map()
             if made_for is not None and {k: made_for.get(k) for k in current} != current:
-                raise model_unusable(
+                raise ModelUnusable(
                     f"{self.model_path}: model was trained with preprocessing {made_for}, not this one "
                     f"(configs/presets.yaml preprocessing); move it aside or retrain"
                 )
             why = diverged(ckpt["state_dict"])
             if why:  # its output would be NaN, which argmax turns into an empty segmentation
-                raise model_unusable(f"{self.model_path}: {why}; serve an earlier version "
+                raise ModelUnusable(f"{self.model_path}: {why}; serve an earlier version "
                                      f"(POST /model/{self.preset_name}/rollback?version=...)")
             net.load_state_dict(ckpt["state_dict"])
             trained = True

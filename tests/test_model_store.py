@@ -184,3 +184,20 @@ def test_a_segmenter_refuses_diverged_served_weights_until_good_ones_are_served(
         assert str(path) in err.value.detail and first in err.value.detail and "rollback" in err.value.detail
     publish(_weights(3), _meta(), path)
     assert seg.network() is not None and seg.info.trained
+
+
+def test_only_the_newest_refused_versions_are_kept(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, "fast")
+    v1 = store.publish(_weights(1), _meta(), {})
+    refused = [store.keep(_weights(10 + i), _meta(), {}, "worse") for i in range(3)]  # v2, v3, v4
+    store.rollback(refused[0], by="admin")  # an admin served v2 once: it stays
+    store.rollback(v1, by="admin")
+    more = [store.keep(_weights(20 + i), _meta(), {}, "worse") for i in range(3)]  # v5, v6, v7
+    assert store.prune_refused(keep=2) == [refused[1], refused[2], more[0]]
+    assert [c["version"] for c in store.versions()] == [v1, refused[0], more[1], more[2]]
+    assert not [p for p in (tmp_path / "versions" / "fast").iterdir() if p.name.startswith(".tmp")]
+    assert [h["version"] for h in store.history() if h["event"] == "pruned"] == [refused[1], refused[2], more[0]]
+    assert store.prune_refused(keep=2) == [] and store.serving_version() == v1
+    assert store.keep(_weights(30), _meta(), {}, "worse") == "v8"  # numbers are never reused
+    with pytest.raises(ValueError, match="keep 0"):
+        store.prune_refused(keep=0)

@@ -144,6 +144,7 @@ class TrainingConfig(FrozenConfig):
     # cross-entropy weight per class sqrt(background / class voxels), capped here; 1 = unweighted
     ce_weight_cap: float = Field(30.0, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    keep_refused_versions: int = Field(10, ge=1)  # newest refused runs kept as versions (lib/model/model_store.py)
     cache_dir_name: str = ".cache/preprocessed"
     channels_last_3d: bool = False  # network and batches in channels-last memory format
     cpu: CpuTraining = CpuTraining()

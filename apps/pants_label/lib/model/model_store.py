@@ -6,10 +6,11 @@ One store per dataset and preset (the app puts it in the datastore's state folde
     <model_dir>/segresnet_<preset>.pt            the weights infer and scoring load (reloaded by mtime)
     <model_dir>/versions/<preset>/v<N>/model.pt  version N, never changed after it is written
     <model_dir>/versions/<preset>/v<N>/card.json its model card (sha256 of model.pt, time, parent...)
-    <model_dir>/versions/<preset>/history.jsonl  every publish, refusal and rollback, one JSON line each
+    <model_dir>/versions/<preset>/history.jsonl  every publish, refusal, rollback and pruning, one JSON line each
 
 A run the publish rule refuses is kept as a version too (``published: false`` and ``refused`` in
 its card) but not served: every run stays inspectable, and an admin may serve it by rollback.
+Only the newest few refused runs are kept (:meth:`ModelStore.prune_refused`).
 
 Serving a version means copying its bytes atomically over the served file, so the served file's
 SHA-256 names the version (a rollback is the same copy of an older version). Weights placed in
@@ -261,6 +262,27 @@ class ModelStore:
         before = self.serving_version()
         self._serve(version, "rollback", by=by, previous=before)
         return {"version": version, "previous": before, "card": self.card(version)}
+
+    def prune_refused(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` (>= 1) refused versions, so that retraining on every
+        few labels does not fill the disk with runs nobody served. Published versions, the served
+        one and any version an admin ever served stay: rollback and provenance need them. The
+        newest version is never deleted, so version numbers are never reused. Returns the deleted."""
+        if keep < 1:
+            raise ValueError(f"keep {keep}: at least the newest refused version stays")
+        served = {h.get("version") for h in self.history() if h.get("event") in ("publish", "rollback", "adopt")}
+        served.add(self.serving_version())
+        refused = [c["version"] for c in self.versions() if c.get("published") is False and c["version"] not in served]
+        doomed = refused[:-keep]
+        for version in doomed:
+            trash = tmp_path(self.versions_dir / version)
+            os.rename(self.versions_dir / version, trash)  # gone from listings at once, even if rmtree stops
+            fsync_dir(self.versions_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            self._log({"event": "pruned", "version": version})
+        if doomed:
+            logger.info(f"deleted {len(doomed)} refused model versions ({', '.join(doomed)}); the newest {keep} stay")
+        return doomed
 
     def _serve(self, version: str, event: str, **extra: Any) -> None:
         src = self.versions_dir / version / WEIGHTS

@@ -42,7 +42,7 @@ from lib.model.engine import publishable, refusal
 from lib.model.metrics import dice
 from lib.model.precision import describe as describe_precision, resolve_cpu_bf16
 from lib.model.model_card import code_version, device_description
-from lib.model.model_store import ModelStore, read_json, write_json_atomic
+from lib.model.model_store import ModelStore, diverged, read_json, write_json_atomic
 from lib.model.training import auto_cache_workers, build_cache, meta_centers, split_train_val
 
 #: seconds between progress writes (``/info`` train_stats)
@@ -150,7 +150,8 @@ class PanTSClickTrain(TrainTask):
                                    cpu_bf16=self.cpu_bf16)
         new_score = self.score(state, val)
         baseline = self.score(served, val) if served is not None else None
-        publish = publishable(new_score, baseline)
+        divergence = diverged(state)
+        publish = not divergence and publishable(new_score, baseline)
         result = {**stats, "loss": round(float(np.mean(losses[-50:])), 4), "val_metric": round(new_score, 4),
                   "baseline_metric": None if baseline is None else round(baseline, 4), "steps": opts.steps}
         checkpoint.remove()
@@ -166,8 +167,9 @@ class PanTSClickTrain(TrainTask):
         meta = {"labels": self.labelmap.names, "summary": f"click model: val Dice {new_score:.3f} on {len(val)} scans",
                 "click_config": self.cfg.model_dump(mode="json")}
         if not publish:
-            reason = refusal("val Dice", new_score, baseline, len(val))  # type: ignore[arg-type]
+            reason = divergence or refusal("val Dice", new_score, baseline, len(val))  # type: ignore[arg-type]
             version = self.store.keep(state, meta, {**card, "summary": f"refused click model: {reason}"}, reason)
+            self.store.prune_refused(self.seg_cfg.training.keep_refused_versions)
             logger.info(f"click model: not published, stored as {version}: {reason}")
             result.update(published=False, version=version)
             return result

@@ -465,6 +465,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
         else:
             reason = divergence or refusal("val mean Dice", best_metric, baseline, len(val))  # type: ignore[arg-type]
             version = store.keep(best_state, meta, {**card, "summary": f"refused: {reason}"}, reason)  # type: ignore[arg-type]
+            store.prune_refused(cfg.training.keep_refused_versions)
             logger.info(f"kept the current model; this run is stored as {version}, not served: {reason}")
     checkpoint.remove()
     stats.update(published=bool(publish), version=version, best_metric=round(best_metric, 4) if val else None,

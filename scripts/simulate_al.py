@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--crop-order", choices=["scan_first", "class_first"], default=None,
                     help="training crops: a scan then a class in it, or a class then a scan holding it "
                          "(default: presets.yaml)")
+    ap.add_argument("--lesion-weight", type=float, default=None, metavar="W",
+                    help="the campaigns' crop-centre weight of the lesion class (default: presets.yaml); "
+                         "the start model keeps the shipped weights")
     ap.add_argument("--val-scans", type=int, default=0, metavar="K",
                     help="pin K pool scans (drawn by seed, at least one with a tumour) as every round's "
                          "validation set, the same for every strategy and never trained on; labels are "
@@ -114,6 +117,7 @@ def _specs(args: argparse.Namespace) -> list:
     from pants_tools.al_campaign import CampaignSpec
     from lib.core.al_config import load_al_config
     from lib.core.settings import load_segmentation_config
+    from lib.model.metrics import LESION_CLASS
 
     al = load_al_config()
     # Phantoms are small: localize at the model's own spacing (exact, and cheap at this size).
@@ -127,6 +131,10 @@ def _specs(args: argparse.Namespace) -> list:
     if args.init_filters:
         seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
     recipe = {k: v for k, v in (("crop_order", args.crop_order), ("dice_over", args.dice_over)) if v}
+    if args.lesion_weight is not None:
+        if args.lesion_weight <= 0:
+            raise SystemExit(f"--lesion-weight {args.lesion_weight}: must be > 0")
+        recipe["crop_class_weights"] = {**seg_cfg.training.crop_class_weights, LESION_CLASS: args.lesion_weight}
     if recipe:
         seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update=recipe)})
     if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
@@ -169,11 +177,13 @@ def _start_spec(args: argparse.Namespace):
 
 
 def _start_cfg(seg_cfg):
-    """The start model's recipe: the campaigns' (network, patch, crops), with the shipped loss."""
-    from lib.core.settings import TrainingConfig
+    """The start model's recipe: the campaigns' (network, patch, crop order), with the shipped loss
+    and crop weights."""
+    from lib.core.settings import TrainingConfig, load_segmentation_config
 
-    default = TrainingConfig.model_fields["dice_over"].default
-    return seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update={"dice_over": default})})
+    shipped = {"dice_over": TrainingConfig.model_fields["dice_over"].default,
+               "crop_class_weights": load_segmentation_config().training.crop_class_weights}
+    return seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update=shipped)})
 
 
 def _start_dir(args: argparse.Namespace) -> Path:

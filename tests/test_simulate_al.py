@@ -297,3 +297,16 @@ def test_compare_al_runs_puts_references_side_by_side(tmp_path: Path, capsys: py
         compare.main(["--run", str(tmp_path / "slow"), "--out", str(out)])
     with pytest.raises(SystemExit, match="no 'full' rows for seeds 5"):
         compare.main(["--run", f"a={tmp_path / 'slow'}", "--seeds", "5", "--out", str(out)])
+
+
+def test_lesion_weight_reaches_the_campaigns_and_not_the_start_model(tmp_path: Path) -> None:
+    args = simulate_al.build_parser().parse_args(["--out", str(tmp_path), *ARGS, "--lesion-weight", "16"])
+    args.pool = tmp_path / "pool"
+    specs = simulate_al._specs(args)
+    assert {s.seg_cfg.training.crop_class_weights["pancreatic_lesion"] for s in specs} == {16.0}
+    assert specs[0].seg_cfg.training.crop_class_weights["pancreatic_duct"] == 2.0  # the others as shipped
+    start = simulate_al._start_cfg(specs[0].seg_cfg).training
+    assert start.crop_class_weights["pancreatic_lesion"] == 4.0 and start.patch_size == (16, 16, 16)
+    with pytest.raises(SystemExit, match="--lesion-weight 0.0: must be > 0"):
+        simulate_al.main(["--out", str(tmp_path / "bad"), *ARGS, "--lesion-weight", "0"])
+    assert not (tmp_path / "bad").exists()

@@ -62,6 +62,11 @@ def _check_spec(path: Path, spec: StartModelSpec, recipe: dict[str, Any]) -> Non
         write_json_atomic(path, want)
 
 
+# training keys added after start models were recorded that do not shape the weights: such a start
+# model still fits (keys recorded from the start stay, so recorded specs keep matching)
+NOT_RECIPE = {"keep_refused_versions"}
+
+
 def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationConfig, preset: str,
                       test_pool: Path, device: str = "cpu", threads: int | None = None) -> Path:
     """Make the phantom set, train the start model once, score it on ``test_pool``'s test split;
@@ -73,7 +78,7 @@ def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationC
 
     folder = Path(folder)
     _check_spec(folder / "start_spec.json", spec, {"preset": preset, "network": seg_cfg.network.model_dump(),
-                                                   "training": seg_cfg.training.model_dump()})
+                                                   "training": seg_cfg.training.model_dump(exclude=NOT_RECIPE)})
     weights = model_path(folder / "model", preset)
     summary = folder / "start_model.json"
     if summary.is_file() and weights.is_file():

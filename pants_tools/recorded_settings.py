@@ -8,13 +8,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _differing(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ, down to the first level that is not a dict."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def refuse_other_settings(path: Path, want: dict[str, Any], what: str, alternative: str) -> bool:
     """Whether ``path`` records settings; ``SystemExit`` naming the keys that differ from ``want``."""
     if not path.is_file():
         return False
     have = json.loads(path.read_text())
     if have != want:
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        diff = _differing(have, want)
         raise SystemExit(f"{what} was made with other settings ({', '.join(diff)}); "
                          f"use {alternative} or the settings in {path.name}")
     return True

@@ -310,3 +310,16 @@ def test_lesion_weight_reaches_the_campaigns_and_not_the_start_model(tmp_path: P
     with pytest.raises(SystemExit, match="--lesion-weight 0.0: must be > 0"):
         simulate_al.main(["--out", str(tmp_path / "bad"), *ARGS, "--lesion-weight", "0"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_recorded_settings_name_the_nested_key_that_differs(tmp_path: Path) -> None:
+    from pants_tools.recorded_settings import refuse_other_settings
+
+    path = tmp_path / "spec.json"
+    have = {"n": 4, "training": {"patch_size": [32, 32, 32], "crop_order": "class_first"}}
+    path.write_text(json.dumps(have))
+    assert refuse_other_settings(path, have, "x", "y") is True
+    want = {"n": 4, "training": {"patch_size": [32, 32, 32], "crop_order": "scan_first"}, "seed": 1}
+    with pytest.raises(SystemExit, match=r"other settings \(seed, training.crop_order\)"):
+        refuse_other_settings(path, want, "x", "y")
+    assert refuse_other_settings(tmp_path / "none.json", want, "x", "y") is False

@@ -21,6 +21,7 @@ from dicomweb_client import DICOMwebClient
 from lib.imaging.dicom_seg import label_to_seg
 from lib.imaging.dicom_series import CTStudy, ct_series, series_geometry, stable_uid
 from lib.datastore.dicomweb import store
+from lib.datastore.folder_scan import mask_files, read_mask_folder
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata
 
@@ -88,17 +89,12 @@ def case_label(case: Case, shape: tuple[int, ...], lm: LabelMap) -> np.ndarray |
         return None
     if case.masks.is_file():
         return np.asarray(nib.load(str(case.masks)).dataobj).astype(np.uint8)
-    masks = {}
-    for f in case.masks.iterdir():
-        name = f.name.split(".")[0]
-        if f.name.endswith((".nii.gz", ".nii")) and name in lm.name_to_id:
-            masks[name] = np.asarray(nib.load(str(f)).dataobj) > 0
-    if not masks:
+    if not set(mask_files(case.masks)) & set(lm.names):
         return None
-    label = lm.consolidate(masks)
-    if label.shape != tuple(shape):
-        raise ValueError(f"{case.case_id}: masks {label.shape} do not match the CT {tuple(shape)}")
-    return label
+    try:
+        return read_mask_folder(case.masks, lm, shape)
+    except ValueError as err:
+        raise ValueError(f"{case.case_id}: {err}") from None
 
 
 def load_case(client: DICOMwebClient, case: Case, *, with_labels: bool = True, lm: LabelMap | None = None) -> Loaded:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lib.datastore.folder_scan import read_mask_folder
 from lib.datastore.pants import PanTSDatastore
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice
@@ -166,9 +167,7 @@ def test(weights: Path, cfg: SegmentationConfig, lm: LabelMap, preset: str, root
     rows, scores, truths, infer_s = [], [], [], []
     for case in tqdm(sorted((root / "ImageTe").iterdir()), desc="testing", unit="scan"):
         vol = load_volume(case / "ct.nii.gz")
-        masks = {p.name.split(".")[0]: np.asarray(load_volume(p, dtype=None).array) > 0
-                 for p in (root / "LabelTe" / case.name / "segmentations").glob("*.nii.gz")}
-        truth = lm.consolidate(masks)
+        truth = read_mask_folder(root / "LabelTe" / case.name / "segmentations", lm)
         t0 = time.perf_counter()
         pred, _ = seg.segment(vol)
         infer_s.append(time.perf_counter() - t0)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO / "scripts"))  # bench_learning.py lives beside this
 import bench_learning  # noqa: E402
 from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
 from lib.core.settings import load_segmentation_config  # noqa: E402
+from lib.datastore.folder_scan import read_mask_folder  # noqa: E402
 from lib.datastore.pants import PanTSDatastore  # noqa: E402
 from lib.imaging.volume_io import load_volume  # noqa: E402
 from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice  # noqa: E402
@@ -63,11 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def truth_of(lm: LabelMap, folder: Path) -> np.ndarray:
-    masks = {p.name.split(".")[0]: np.asarray(load_volume(p, dtype=None).array) > 0 for p in folder.glob("*.nii.gz")}
-    return lm.consolidate(masks)
-
-
 def write_crops(root: Path, out: Path, lm: LabelMap, margins: list[float], lesion_boxes: int = 0) -> int:
     """Stage 2's training set: boxes around each training phantom's pancreas, PanTS layout; scans
     with a lesion get ``lesion_boxes`` more, shifted (lesions are rare: 11% of scans)."""
@@ -76,7 +72,7 @@ def write_crops(root: Path, out: Path, lm: LabelMap, margins: list[float], lesio
     n = 0
     for case in tqdm(sorted((root / "ImageTr").iterdir()), desc="crops", unit="scan"):
         vol = load_volume(case / "ct.nii.gz")
-        label = truth_of(lm, root / "LabelTr" / case.name / "segmentations")
+        label = read_mask_folder(root / "LabelTr" / case.name / "segmentations", lm)
         for k, margin in enumerate(margins):
             box = region_box(label, lm, vol.spacing, margin)
             if box is None:
@@ -108,7 +104,7 @@ def evaluate(stage1: Segmenter, stage2: Segmenter, lm: LabelMap, root: Path, mar
     truths, seconds = [], []
     for case in tqdm(sorted((root / "ImageTe").iterdir()), desc="testing", unit="scan"):
         vol = load_volume(case / "ct.nii.gz")
-        truth = truth_of(lm, root / "LabelTe" / case.name / "segmentations")
+        truth = read_mask_folder(root / "LabelTe" / case.name / "segmentations", lm)
         first, _ = stage1.segment(vol)
         t0 = time.perf_counter()
         box = region_box(first, lm, vol.spacing, margin)

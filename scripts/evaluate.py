@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from lib.core.jsonsafe import json_safe
+from lib.datastore.folder_scan import mask_files, read_mask_folder
 from lib.model import metrics as M
 from lib.core.labelmap import LabelMap, load_labelmap
 
@@ -101,20 +102,16 @@ def discover(root: Path) -> dict[str, Path]:
     return found
 
 
-def _structure_files(seg_dir: Path) -> dict[str, Path]:
-    return {case_name(p): p for p in sorted(seg_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-
-
 def _header_of(src: Path) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
     """Shape, affine and spacing from a NIfTI header (first mask for a PanTS folder); no voxel data."""
     import nibabel as nib
 
     path = src
     if src.is_dir():
-        files = _structure_files(src)
+        files = mask_files(src)
         if not files:
             raise EvaluationError(f"{src}: no structure masks (*.nii.gz) in this folder")
-        path = next(iter(files.values()))
+        path = files[min(files)]
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for unreadable files
@@ -139,32 +136,18 @@ def _read_array(path: Path) -> np.ndarray:
 def load_label(src: Path, lm: LabelMap) -> np.ndarray:
     """Read a label map file, or merge a PanTS ``segmentations/`` folder into one.
 
-    Masks are merged with the rule of :meth:`LabelMap.consolidate` (lower ``overlap_priority``
-    rank wins a shared voxel), painted one file at a time so a case needs the memory of one
-    mask rather than 28. Files named after no known class are skipped with a warning.
+    A folder goes through :func:`lib.datastore.folder_scan.read_mask_folder`: masks merged by the
+    label map's overlap rule, read one at a time, unknown structures skipped with a warning.
     """
     if not src.is_dir():
         try:
             return M.as_label_map(_read_array(src), lm.num_classes, str(src))
         except ValueError as err:
             raise EvaluationError(str(err)) from None
-    files = _structure_files(src)
-    unknown = sorted(set(files) - set(lm.names))
-    if unknown:
-        log.warning("%s: skipping masks of unknown structures %s", src, unknown)
-    out: np.ndarray | None = None
-    for name in reversed(lm.overlap_priority):  # lowest priority first, so higher ones overwrite
-        if name not in files:
-            continue
-        mask = _read_array(files[name]) > 0
-        if out is None:
-            out = np.zeros(mask.shape, np.uint8)
-        elif mask.shape != out.shape:
-            raise EvaluationError(f"{files[name]}: shape {mask.shape} differs from the other masks {out.shape}")
-        out[mask] = lm.id_of(name)
-    if out is None:
-        raise EvaluationError(f"{src}: no masks named after PanTS structures")
-    return out
+    try:
+        return read_mask_folder(src, lm)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # bench_two_stage.py lives beside this script
 
-from bench_two_stage import truth_of  # noqa: E402  (PanTS masks -> label map)
 from lib.core.labelmap import load_labelmap  # noqa: E402
-from lib.datastore.folder_scan import PANTS_SPLITS  # noqa: E402
+from lib.datastore.folder_scan import PANTS_SPLITS, read_mask_folder  # noqa: E402
 from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata  # noqa: E402
 from lib.imaging.volume_io import load_volume  # noqa: E402
 from lib.model.metrics import LESION_CLASS  # noqa: E402
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     region_ids = [c.id for c in lm.classes if c.group == "pancreas"]
     rows = []
     for case in tqdm(sorted(p for p in img_dir.iterdir() if p.is_dir()), desc="scans", unit="scan"):
-        truth = truth_of(lm, lab_dir / case.name / "segmentations")
+        truth = read_mask_folder(lab_dir / case.name / "segmentations", lm)
         lesion = truth == lid
         if not lesion.any():
             continue

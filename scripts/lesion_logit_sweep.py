@@ -37,10 +37,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # bench_two_stage.py lives beside this script
 
-from bench_two_stage import truth_of  # noqa: E402  (its PanTS masks -> label map, as stage 2 trains on)
 from lib.core.labelmap import LabelMap, load_labelmap  # noqa: E402
 from lib.core.settings import load_segmentation_config  # noqa: E402
-from lib.datastore.folder_scan import PANTS_SPLITS  # noqa: E402
+from lib.datastore.folder_scan import PANTS_SPLITS, read_mask_folder  # noqa: E402
 from lib.imaging.volume_io import Volume, load_volume  # noqa: E402
 from lib.model.metrics import LESION_CLASS  # noqa: E402
 from lib.model.pancreas_stage import crop, region_box  # noqa: E402
@@ -77,7 +76,7 @@ def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases:
     vol = load_volume(image)
     if not any(seg_dir.glob("*.nii.gz")):
         raise SystemExit(f"{seg_dir}: no masks")
-    truth = truth_of(lm, seg_dir)
+    truth = read_mask_folder(seg_dir, lm)
     if margin is not None:
         box = region_box(truth, lm, vol.spacing, margin)
         if box is None:

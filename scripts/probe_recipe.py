@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lib.core.labelmap import load_labelmap
+from lib.datastore.folder_scan import read_mask_folder
 from lib.core.settings import load_segmentation_config
 from lib.model.metrics import mean_dice
 from lib.model.segmenter import build_network
@@ -57,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = []
         for i in ids:  # one label map per scan from its per-class masks
             label = Path(tmp) / f"{i}.nii.gz"
-            seg = args.data / "LabelTr" / i / "segmentations"
-            masks = {q.name.split(".")[0]: np.asarray(nib.load(q).dataobj) > 0 for q in seg.glob("*.nii.gz")}
             ct = args.data / "ImageTr" / i / "ct.nii.gz"
-            nib.save(nib.Nifti1Image(lm.consolidate(masks).astype(np.uint8), nib.load(ct).affine), label)
+            truth = read_mask_folder(args.data / "LabelTr" / i / "segmentations", lm)
+            nib.save(nib.Nifti1Image(truth, nib.load(ct).affine), label)
             cases.append(cache.get(i, str(ct), str(label)))
         train, val = cases[: args.train], cases[args.train:]
         patch = tuple(min(96, int(math.ceil(s / 8)) * 8) for s in np.max([c.image.shape for c in cases], axis=0))

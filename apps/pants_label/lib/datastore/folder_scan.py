@@ -19,6 +19,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from lib.core.labelmap import LabelMap
 from lib.datastore.index import ScanChanges
 from lib.datastore.label_upload import DatastoreError, check_image_id, check_tag
 from lib.datastore.protocol import IMPORTED_TAG
@@ -66,6 +69,46 @@ def mask_files(folder: Path) -> dict[str, Path]:
         if parsed and not parsed[0].startswith("."):
             out[parsed[0]] = folder / name
     return out
+
+
+class _LazyMask:
+    """One mask file, read only when :meth:`LabelMap.consolidate` paints it (one mask in memory at a
+    time, not 28); a trailing singleton 4th axis, as some exporters write, is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        import nibabel as nib
+
+        self.path, self.proxy = path, nib.load(str(path)).dataobj
+        shape = tuple(int(n) for n in self.proxy.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise ValueError(f"mask {path}: expected a 3-D mask, got shape {shape}")
+        self.shape = shape
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return np.asarray(self.proxy).reshape(self.shape)
+
+
+def read_mask_folder(folder: Path, lm: LabelMap, shape: Sequence[int] | None = None) -> np.ndarray:
+    """A PanTS ``segmentations/`` folder as one uint8 label map, merged by the label map's overlap
+    rule (:meth:`LabelMap.consolidate`). Files named after no structure are skipped with a warning.
+
+    Raises ValueError naming the folder or file: no structure masks, or masks whose shapes differ
+    from each other or from ``shape`` (the CT's)."""
+    files = mask_files(Path(folder))
+    unknown = sorted(set(files) - set(lm.names))
+    if unknown:
+        logger.warning("%s: skipping masks of unknown structures %s", folder, unknown)
+    masks = {name: _LazyMask(path) for name, path in files.items() if name not in unknown}
+    if not masks:
+        raise ValueError(f"{folder}: no masks named after PanTS structures")
+    want = tuple(shape) if shape is not None else masks[min(masks)].shape
+    for m in (masks[n] for n in sorted(masks)):
+        if m.shape != want:
+            raise ValueError(f"mask {m.path} has shape {m.shape}, " +
+                             ("the CT " if shape is not None else "the other masks ") + str(want))
+    return lm.consolidate(masks)  # type: ignore[arg-type]
 
 
 def scan_folder(root: Path, layout: str, exts: Sequence[str], known: dict[str, ScanState]) -> dict[str, Scanned]:

@@ -488,8 +488,8 @@ class Segmenter:
                 )
             why = diverged(ckpt["state_dict"])
             if why:  # its output would be NaN, which argmax turns into an empty segmentation
-                raise ModelUnusable(f"{self.model_path}: {why}; serve an earlier version "
-                                     f"(POST /model/{self.preset_name}/rollback?version=...)")
+                raise ModelUnusable(f"{self.model_path}: {why}; an admin serves an earlier version with "
+                                    "`pants-label model-versions ... rollback vN` or POST /model/<model>/rollback?version=vN")
             net.load_state_dict(ckpt["state_dict"])
             trained = True
             logger.info(f"loaded weights {self.model_path} ({meta.get('summary', '')})")

@@ -39,7 +39,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.core.al_config import ActiveLearningConfig, ScoringConfig
-from lib.core.errors import ClientError
+from lib.core.errors import ModelUnusable
 from lib.datastore.protocol import PanTSStore, ScoredStore
 from lib.model.model_store import read_json, write_json_atomic
 from lib.model.segmenter import Segmenter, normalize_hu, resample_image, target_shape
@@ -381,7 +381,7 @@ def run_scoring(
             return summary
         try:
             net = method.seg.network()
-        except ClientError as err:  # served weights nothing can use: say so and wait for another model
+        except ModelUnusable as err:  # served weights nothing can use: say so and wait for another model
             reason = str(err.detail)
             logger.error("scoring stopped: %s", reason)
             status.update(state="error", reason=reason, ts=time.time(), done=scored, total=0)

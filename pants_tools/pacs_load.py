@@ -83,12 +83,42 @@ def find_cases(root: str | os.PathLike, case_ids: Sequence[str] | None = None) -
     return cases
 
 
+def read_label_file(path: Path, shape: tuple[int, ...], lm: LabelMap) -> np.ndarray:
+    """A flat label map file as uint8, checked against the CT's shape (from the header, before
+    reading the voxels) and the label map's ids (no silent wrap-around or truncation).
+
+    Raises:
+        ValueError: another shape, or values that are not the ids 0..N (message names them).
+    """
+    img = nib.load(str(path))
+    dims = tuple(img.shape)
+    if len(dims) == 4 and dims[3] == 1:
+        dims = dims[:3]
+    if dims != tuple(shape):
+        raise ValueError(f"label {path} has shape {tuple(img.shape)}, the CT {tuple(shape)}")
+    arr = np.asarray(img.dataobj).reshape(dims)
+    if arr.dtype.kind not in "iub":
+        if not np.isfinite(arr).all() or (arr != np.rint(arr)).any():
+            raise ValueError(f"label {path} holds values that are not whole numbers; ids must be 0..{lm.num_classes}")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < 0 or hi > lm.num_classes:
+        raise ValueError(f"label {path} holds values {lo:g} to {hi:g}; ids must be 0..{lm.num_classes}")
+    return arr.astype(np.uint8)
+
+
 def case_label(case: Case, shape: tuple[int, ...], lm: LabelMap) -> np.ndarray | None:
-    """The case's masks as one label map (``None`` if it has none)."""
+    """The case's masks as one label map (``None`` if it has none).
+
+    Raises:
+        ValueError: a mask or label file that does not fit the CT or the label map (names the case).
+    """
     if case.masks is None:
         return None
     if case.masks.is_file():
-        return np.asarray(nib.load(str(case.masks)).dataobj).astype(np.uint8)
+        try:
+            return read_label_file(case.masks, shape, lm)
+        except ValueError as err:
+            raise ValueError(f"{case.case_id}: {err}") from None
     if not set(mask_files(case.masks)) & set(lm.names):
         return None
     try:
@@ -114,11 +144,13 @@ def load_case(client: DICOMwebClient, case: Case, *, with_labels: bool = True, l
         age_years=m.age if m else None,
         sex=m.sex if m else None,
     )
+    # Masks are read and checked before anything is stored: a bad label leaves the case out, not
+    # half-loaded as a CT that looks unlabelled.
+    label = case_label(case, volume.shape, lm) if with_labels else None
     datasets = ct_series(volume, img.affine, study)
     for s in range(0, len(datasets), STOW_BATCH):
         store(client, datasets[s : s + STOW_BATCH])
     seg_uid = None
-    label = case_label(case, volume.shape, lm) if with_labels else None
     if label is not None:
         seg_uid = stable_uid(case.case_id, "pants-seg")
         seg = label_to_seg(
@@ -144,4 +176,4 @@ def load_cases(
         yield load_case(client, case, with_labels=with_labels, lm=lm)
 
 
-__all__ = ["Case", "Loaded", "find_cases", "case_label", "load_case", "load_cases"]
+__all__ = ["Case", "Loaded", "find_cases", "case_label", "read_label_file", "load_case", "load_cases"]

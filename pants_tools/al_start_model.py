@@ -58,7 +58,9 @@ class StartModelSpec:
 
 def _check_spec(path: Path, spec: StartModelSpec, recipe: dict[str, Any]) -> None:
     want = json.loads(json.dumps({**asdict(spec), **recipe}))
-    if not refuse_other_settings(path, want, f"{path.parent}: the start model", "another --out"):
+    # the cohort file is its hash: the same file in another checkout is the same start model
+    if not refuse_other_settings(path, want, f"{path.parent}: the start model", "another --out",
+                                 informational={"cohort"}):
         write_json_atomic(path, want)
 
 

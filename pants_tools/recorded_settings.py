@@ -4,6 +4,7 @@ a rerun with other settings is refused instead of mixing two designs in one resu
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,18 @@ def _differing(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def refuse_other_settings(path: Path, want: dict[str, Any], what: str, alternative: str) -> bool:
-    """Whether ``path`` records settings; ``SystemExit`` naming the keys that differ from ``want``."""
+def refuse_other_settings(path: Path, want: dict[str, Any], what: str, alternative: str,
+                          informational: Collection[str] = ()) -> bool:
+    """Whether ``path`` records settings; ``SystemExit`` naming the keys that differ from ``want``.
+
+    ``informational``: dotted keys recorded for people, not compared, such as a file's path whose
+    content hash is recorded beside it (the same file in another checkout is the same setting).
+    """
     if not path.is_file():
         return False
     have = json.loads(path.read_text())
-    if have != want:
-        diff = _differing(have, want)
+    diff = [k for k in _differing(have, want) if k not in informational]
+    if diff:
         raise SystemExit(f"{what} was made with other settings ({', '.join(diff)}); "
                          f"use {alternative} or the settings in {path.name}")
     return True

@@ -257,7 +257,8 @@ def _make_pool(args: argparse.Namespace, cohort) -> None:
     spec_file = args.pool / "pool_spec.json"
     if (args.pool / "ImageTr").is_dir():
         if args.make_phantoms:
-            refuse_other_settings(spec_file, want, f"--pool {args.pool}", "another --out/--pool")
+            refuse_other_settings(spec_file, want, f"--pool {args.pool}", "another --out/--pool",
+                                  informational={"cohort.file"})  # the file is its sha256
         if not spec_file.is_file() or not args.make_phantoms:
             return
     if not args.make_phantoms:

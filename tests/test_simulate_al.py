@@ -104,6 +104,10 @@ def test_cohort_pool_clasp_and_seed_set(tmp_path: Path) -> None:
     # the pool is fixed once made: other settings are refused, not mixed in
     with pytest.raises(SystemExit, match="other settings .*phantom_seed"):
         simulate_al.main(["--out", str(out), *COHORT_ARGS, "--phantom-seed", "1"])
+    # the same cohort file in another checkout is the same pool
+    spec["cohort"]["file"] = "/another/checkout/configs/cohort_pants.yaml"
+    (out / "pool" / "pool_spec.json").write_text(json.dumps(spec))
+    assert simulate_al.main(["--out", str(out), *COHORT_ARGS[:-3], "--seeds", "3", "--no-full"]) == 0
     assert simulate_al.SEED_SETS == {"tuning": [0, 1, 2], "unseen": [3, 4, 5]}
 
 
@@ -126,6 +130,9 @@ def test_campaigns_start_from_one_start_model(tmp_path: Path) -> None:
     # another start set is refused, not mixed in
     with pytest.raises(SystemExit, match="start model was made with other settings .*seed"):
         simulate_al.main(["--out", str(out), *args, "--start-seed", "5"])
+    spec["cohort"] = "/another/checkout/configs/cohort_public_venous.yaml"  # the same file elsewhere: it fits
+    (folder / "start_spec.json").write_text(json.dumps(spec))
+    assert simulate_al.main(["--out", str(out), *args]) == 0
 
 
 def test_a_round_killed_after_publishing_resumes_from_the_last_finished_round(tmp_path: Path) -> None:
@@ -323,3 +330,19 @@ def test_recorded_settings_name_the_nested_key_that_differs(tmp_path: Path) -> N
     with pytest.raises(SystemExit, match=r"other settings \(seed, training.crop_order\)"):
         refuse_other_settings(path, want, "x", "y")
     assert refuse_other_settings(tmp_path / "none.json", want, "x", "y") is False
+
+
+def test_a_cohort_file_in_another_checkout_is_the_same_setting(tmp_path: Path) -> None:
+    """The pool records the cohort file's path for people and its hash for the comparison."""
+    from pants_tools.recorded_settings import refuse_other_settings
+
+    path = tmp_path / "pool_spec.json"
+    have = {"n": 4, "cohort": {"file": "/old/clone/configs/cohort_pants.yaml", "sha256": "ab"}}
+    path.write_text(json.dumps(have))
+    moved = {"n": 4, "cohort": {"file": "/new/clone/configs/cohort_pants.yaml", "sha256": "ab"}}
+    assert refuse_other_settings(path, moved, "x", "y", informational={"cohort.file"}) is True
+    edited = {"n": 4, "cohort": {"file": "/old/clone/configs/cohort_pants.yaml", "sha256": "cd"}}
+    with pytest.raises(SystemExit, match=r"other settings \(cohort.sha256\)"):
+        refuse_other_settings(path, edited, "x", "y", informational={"cohort.file"})
+    with pytest.raises(SystemExit, match=r"other settings \(cohort.file\)"):
+        refuse_other_settings(path, moved, "x", "y")

@@ -22,6 +22,8 @@ from lib.imaging.dicom_seg import label_to_seg
 from lib.imaging.dicom_series import CTStudy, ct_series, series_geometry, stable_uid
 from lib.datastore.dicomweb import store
 from lib.datastore.folder_scan import mask_files, read_mask_folder
+from lib.datastore.label_upload import as_integer
+from lib.core.errors import ClientError
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata
 
@@ -96,10 +98,10 @@ def read_label_file(path: Path, shape: tuple[int, ...], lm: LabelMap) -> np.ndar
         dims = dims[:3]
     if dims != tuple(shape):
         raise ValueError(f"label {path} has shape {tuple(img.shape)}, the CT {tuple(shape)}")
-    arr = np.asarray(img.dataobj).reshape(dims)
-    if arr.dtype.kind not in "iub":
-        if not np.isfinite(arr).all() or (arr != np.rint(arr)).any():
-            raise ValueError(f"label {path} holds values that are not whole numbers; ids must be 0..{lm.num_classes}")
+    try:  # the server's check of uploaded labels: whole numbers, counted in chunks
+        arr = as_integer(np.asarray(img.dataobj).reshape(dims))
+    except ClientError as err:
+        raise ValueError(f"label {path}: {err.detail}; ids must be 0..{lm.num_classes}") from None
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if lo < 0 or hi > lm.num_classes:
         raise ValueError(f"label {path} holds values {lo:g} to {hi:g}; ids must be 0..{lm.num_classes}")

@@ -41,7 +41,7 @@ def test_a_good_file_reads_as_uint8_also_from_float_or_4d(tmp_path: Path) -> Non
 @pytest.mark.parametrize("arr, words", [
     (np.full(SHAPE, 257, dtype=np.uint16), "values 257 to 257; ids must be 0..28"),  # uint8 would wrap to 1
     (np.full(SHAPE, -1, dtype=np.int16), "values -1 to -1"),
-    (np.full(SHAPE, 1.5, dtype=np.float32), "not whole numbers"),  # uint8 would truncate to 1
+    (np.full(SHAPE, 1.5, dtype=np.float32), "label values must be integers; found 1.5"),  # uint8 would truncate to 1
     (np.zeros((12, 10, 9), dtype=np.uint8), "has shape (12, 10, 9), the CT (12, 10, 8)"),
 ])
 def test_a_bad_file_is_refused_with_what_is_wrong(tmp_path: Path, arr: np.ndarray, words: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lib.core.labelmap import load_labelmap
-from lib.core.settings import SegmentationConfig
+from lib.core.settings import SegmentationConfig, TrainingConfig
 from lib.datastore.pants import PanTSDatastore
 from lib.model.model_store import model_path, write_json_atomic
 from lib.model.segmenter import Segmenter
@@ -69,6 +69,15 @@ def _check_spec(path: Path, spec: StartModelSpec, recipe: dict[str, Any]) -> Non
 NOT_RECIPE = {"keep_refused_versions"}
 
 
+def recorded_training(training: TrainingConfig) -> dict:
+    """The training recipe a start model records. Lesion synthesis (added later) is recorded only
+    when it is on: off, it does not shape the weights, so earlier start models still fit."""
+    dump = training.model_dump(exclude=NOT_RECIPE)
+    if training.lesion_synthesis.probability <= 0:
+        dump.pop("lesion_synthesis")
+    return dump
+
+
 def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationConfig, preset: str,
                       test_pool: Path, device: str = "cpu", threads: int | None = None) -> Path:
     """Make the phantom set, train the start model once, score it on ``test_pool``'s test split;
@@ -80,7 +89,7 @@ def train_start_model(folder: Path, spec: StartModelSpec, seg_cfg: SegmentationC
 
     folder = Path(folder)
     _check_spec(folder / "start_spec.json", spec, {"preset": preset, "network": seg_cfg.network.model_dump(),
-                                                   "training": seg_cfg.training.model_dump(exclude=NOT_RECIPE)})
+                                                   "training": recorded_training(seg_cfg.training)})
     weights = model_path(folder / "model", preset)
     summary = folder / "start_model.json"
     if summary.is_file() and weights.is_file():

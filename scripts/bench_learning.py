@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the loss's Dice term: every class, or those in the crop (default: presets.yaml)")
     p.add_argument("--augment", type=float, default=None,
                    help="share of training crops rotated and scaled at random (presets.yaml training.augment)")
+    p.add_argument("--synth-lesions", type=float, default=None, metavar="P",
+                   help="share of lesion-free gland crops given a synthetic lesion (presets.yaml "
+                        "training.lesion_synthesis)")
     p.add_argument("--seed", type=int, default=None, help="training seed (initial weights, crops)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--save-model", type=Path, default=None,
@@ -118,6 +121,8 @@ def recipe(cfg: SegmentationConfig, lm: LabelMap, args: argparse.Namespace) -> t
         upd["dice_over"] = args.dice_over
     if args.augment is not None:
         upd["augment"] = t.augment.model_copy(update={"probability": args.augment})
+    if args.synth_lesions is not None:
+        upd["lesion_synthesis"] = t.lesion_synthesis.model_copy(update={"probability": args.synth_lesions})
     if args.patch:  # on every device
         upd["patch_size"] = tuple(args.patch)
         upd["cpu"] = t.cpu.model_copy(update={"patch_size": tuple(args.patch)})

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dice-over", choices=["all_classes", "present_classes"], default=None,
                     help="the campaigns' Dice term: every class, or only those in the crop (default: "
                          "presets.yaml); the start model keeps the shipped recipe")
+    ap.add_argument("--synth-lesions", type=float, default=None, metavar="P",
+                    help="the campaigns' share of lesion-free gland crops given a synthetic lesion "
+                         "(presets.yaml training.lesion_synthesis); the start model keeps the shipped recipe")
     ap.add_argument("--serve-every-round", action="store_true",
                     help="serve each round's fine-tune even when the publish gate refuses it (the rows "
                          "keep the gate's verdict): the curves measure the labels, not the gate's noise")
@@ -135,6 +138,11 @@ def _specs(args: argparse.Namespace) -> list:
         if args.lesion_weight <= 0:
             raise SystemExit(f"--lesion-weight {args.lesion_weight}: must be > 0")
         recipe["crop_class_weights"] = {**seg_cfg.training.crop_class_weights, LESION_CLASS: args.lesion_weight}
+    if args.synth_lesions is not None:
+        if not 0 <= args.synth_lesions <= 1:
+            raise SystemExit(f"--synth-lesions {args.synth_lesions}: must be between 0 and 1")
+        recipe["lesion_synthesis"] = seg_cfg.training.lesion_synthesis.model_copy(
+            update={"probability": args.synth_lesions})
     if recipe:
         seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update=recipe)})
     if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
@@ -177,12 +185,14 @@ def _start_spec(args: argparse.Namespace):
 
 
 def _start_cfg(seg_cfg):
-    """The start model's recipe: the campaigns' (network, patch, crop order), with the shipped loss
-    and crop weights."""
+    """The start model's recipe: the campaigns' (network, patch, crop order), with the shipped loss,
+    crop weights and lesion synthesis."""
     from lib.core.settings import TrainingConfig, load_segmentation_config
 
+    shipped_training = load_segmentation_config().training
     shipped = {"dice_over": TrainingConfig.model_fields["dice_over"].default,
-               "crop_class_weights": load_segmentation_config().training.crop_class_weights}
+               "crop_class_weights": shipped_training.crop_class_weights,
+               "lesion_synthesis": shipped_training.lesion_synthesis}
     return seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update=shipped)})
 
 

@@ -319,6 +319,23 @@ def test_lesion_weight_reaches_the_campaigns_and_not_the_start_model(tmp_path: P
     assert not (tmp_path / "bad").exists()
 
 
+def test_lesion_synthesis_reaches_the_campaigns_and_not_the_start_model(tmp_path: Path) -> None:
+    from pants_tools.al_start_model import recorded_training
+
+    args = simulate_al.build_parser().parse_args(["--out", str(tmp_path), *ARGS, "--synth-lesions", "0.5"])
+    args.pool = tmp_path / "pool"
+    specs = simulate_al._specs(args)
+    assert {s.seg_cfg.training.lesion_synthesis.probability for s in specs} == {0.5}
+    start = simulate_al._start_cfg(specs[0].seg_cfg).training
+    assert start.lesion_synthesis.probability == 0.0 and start.patch_size == (16, 16, 16)
+    # off, it is not recorded: start models recorded before it existed still fit; on, it is
+    assert "lesion_synthesis" not in recorded_training(start)
+    assert recorded_training(specs[0].seg_cfg.training)["lesion_synthesis"]["probability"] == 0.5
+    with pytest.raises(SystemExit, match="--synth-lesions 1.5: must be between 0 and 1"):
+        simulate_al.main(["--out", str(tmp_path / "bad"), *ARGS, "--synth-lesions", "1.5"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_recorded_settings_name_the_nested_key_that_differs(tmp_path: Path) -> None:
     from pants_tools.recorded_settings import refuse_other_settings
 

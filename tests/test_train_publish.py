@@ -157,3 +157,21 @@ def test_non_finite_names_the_tensors_holding_nan_or_inf() -> None:
              "steps": torch.tensor([7])}
     assert non_finite(state) == ["b", "c"]
     assert non_finite({"a": torch.ones(2)}) == []
+
+
+def test_lesion_synthesis_paints_training_crops_and_the_card_records_it(pool, tmp_path: Path) -> None:
+    from lib.core.config_errors import ConfigError
+    from lib.core.settings import LesionSynthesisConfig
+
+    ds, _ = pool
+    synth = LesionSynthesisConfig(probability=1.0, volume_mm3=(1000.0, 4000.0), min_host_voxels=1,
+                                  min_lesion_voxels=1)  # 6 mm voxels: a few voxels of gland per crop
+    cfg = CFG.model_copy(update={"training": CFG.training.model_copy(update={"lesion_synthesis": synth})})
+    stats = PanTSTrain(cfg, LM, "fast", tmp_path, "cpu")({**RUN, "iterations_per_epoch": 3, "from_scratch": True}, ds)
+    assert stats["status"] == "DONE" and stats["synthetic_lesions"] >= 1, stats
+    card = ModelStore(tmp_path, "fast").card(stats["version"])
+    assert card["recipe"]["lesion_synthesis"]["probability"] == 1.0
+    bad = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"lesion_synthesis": synth.model_copy(update={"host_classes": ("pancreaz",)})})})
+    with pytest.raises(ConfigError, match="training.lesion_synthesis.host_classes: unknown label name 'pancreaz'"):
+        PanTSTrain(bad, LM, "fast", tmp_path / "bad", "cpu")  # refused when the app starts, not at the first run

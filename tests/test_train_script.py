@@ -123,6 +123,7 @@ def test_torchrun_two_gloo_processes_resume_after_kill_and_publish_a_version(roo
     recipe = card["recipe"]  # the crop and loss settings the run used, read from presets.yaml
     assert recipe["augment"] == {"probability": 0.0, "rotate_deg": 15.0, "scale": 0.15}
     assert recipe["crop_order"] == "scan_first" and recipe["crop_class_weights"]["pancreatic_lesion"] == 4.0
+    assert recipe["lesion_synthesis"]["probability"] == 0.0 and recipe["lesion_synthesis"]["contrast_hu"] == [5.0, 60.0]
     per_class = card["validation"]["per_class"]
     assert set(LM.names) <= set(per_class) and all({"dsc", "nsd"} <= set(v) for v in per_class.values())
     assert card["training_time_s"] > 0

@@ -126,6 +126,35 @@ class AugmentConfig(FrozenConfig):
     scale: float = Field(0.15, ge=0.0, lt=0.5)  # size factor drawn from [1 - scale, 1 + scale]
 
 
+class LesionSynthesisConfig(FrozenConfig):
+    """``training.lesion_synthesis``: synthetic lesions painted into training crops of lesion-free
+    gland (lib/model/lesion_synthesis.py)."""
+
+    probability: float = Field(0.0, ge=0.0, le=1.0)  # share of lesion-free gland crops painted; 0 = off
+    host_classes: tuple[str, ...] = ("pancreas", "pancreas_head", "pancreas_body", "pancreas_tail",
+                                     "pancreatic_duct")
+    contrast_hu: tuple[float, float] = (5.0, 60.0)  # how much darker than the gland, HU, drawn uniformly
+    volume_mm3: tuple[float, float] = (500.0, 30000.0)  # drawn log-uniformly
+    irregularity: float = Field(0.25, ge=0.0, lt=1.0)  # boundary wobble, share of the radius
+    edge_blur_voxels: float = Field(0.7, ge=0.0, le=5.0)  # soft edge of the intensity change
+    min_host_voxels: int = Field(50, ge=1)  # a crop with less gland than this is left alone
+    min_lesion_voxels: int = Field(8, ge=1)  # a lesion smaller than this (clipped by the gland) is dropped
+
+    @field_validator("contrast_hu", "volume_mm3")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("host_classes")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("name at least one class the lesion may sit in")
+        return v
+
+
 class TrainingConfig(FrozenConfig):
     patch_size: IntTriple = (96, 96, 96)
     batch_size: int = Field(2, ge=1)
@@ -144,6 +173,7 @@ class TrainingConfig(FrozenConfig):
     # cross-entropy weight per class sqrt(background / class voxels), capped here; 1 = unweighted
     ce_weight_cap: float = Field(30.0, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    lesion_synthesis: LesionSynthesisConfig = LesionSynthesisConfig()
     keep_refused_versions: int = Field(10, ge=1)  # newest refused runs kept as versions (lib/model/model_store.py)
     cache_dir_name: str = ".cache/preprocessed"
     channels_last_3d: bool = False  # network and batches in channels-last memory format

@@ -26,6 +26,7 @@ from lib.core.labelmap import LabelMap
 from lib.model.segmenter import prepare, resample_label
 from lib.core.settings import AugmentConfig, Preset, SegmentationConfig
 from lib.model.augment import random_transform, transformed_crop
+from lib.model.lesion_synthesis import LesionSynthesizer
 from lib.imaging.volume_io import load_volume
 
 logger = logging.getLogger(__name__)
@@ -158,11 +159,14 @@ class CropSampler:
         seed: int = 0,
         order: str = "scan_first",
         augment: AugmentConfig | None = None,
+        synthesizer: LesionSynthesizer | None = None,
     ) -> None:
         if order not in CROP_ORDERS:
             raise ValueError(f"crop order {order!r}: expected one of {', '.join(CROP_ORDERS)}")
         self.cases, self.patch, self.order = cases, patch, order
         self.augment = augment  # random_transform draws nothing when its probability is 0
+        self.synthesizer = synthesizer
+        self.painted = 0  # crops that got a synthetic lesion
         self.class_weights, self.background_weight = class_weights, background_weight
         self.rng = np.random.default_rng(seed)
         # class_first: the scans that hold each class, so a class is drawn however few scans show it
@@ -213,6 +217,8 @@ class CropSampler:
                 crop(case.image, case.label, centre, self.patch, out=(xs[b, 0], ys[b, 0]))
             else:
                 transformed_crop(case.image, case.label, centre, self.patch, matrix, out=(xs[b, 0], ys[b, 0]))
+            if self.synthesizer is not None and self.synthesizer.paint(self.rng, xs[b, 0], ys[b, 0]):
+                self.painted += 1
             # Mild intensity jitter: centers differ in scanner calibration and noise.
             scale, shift = self.rng.uniform(0.9, 1.1), self.rng.uniform(-0.05, 0.05)
             xs[b, 0] *= scale

@@ -38,6 +38,7 @@ from lib.core.config_errors import validate_model
 from lib.core.labelmap import LabelMap
 from lib.model.checkpoint import Checkpoint, label_stamps, run_checkpoint
 from lib.model.engine import Engine, plain_state, publishable, refusal
+from lib.model.lesion_synthesis import LesionSynthesizer
 from lib.model.precision import resolve_cpu_bf16
 from lib.model.metrics import evaluate_case, mean_dice
 from lib.model.model_card import code_version, device_description, per_class, training_scans
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 _STATS_EVERY_S = 10.0
 #: training keys the model card records as the run's recipe
 RECIPE_KEYS = {"patch_size", "batch_size", "crop_class_weights", "crop_background_weight", "crop_order",
-               "dice_over", "ce_weight_cap", "augment"}
+               "dice_over", "ce_weight_cap", "augment", "lesion_synthesis"}
 
 
 class TrainRequest(BaseModel):
@@ -135,6 +136,8 @@ class PanTSTrain(TrainTask):
         self.retrain_state_path = self.model_dir / f"retrain_{preset_name}.json"
         self.dataset = dataset
         self.store = ModelStore(self.model_dir, preset_name, dataset)
+        # host class names are checked against the label map now, not at the first train request
+        LesionSynthesizer.build(cfg.training.lesion_synthesis, self.preset.spacing_mm, labelmap, cfg.preprocessing)
 
     def config(self) -> dict[str, Any]:
         t = self.cfg.training
@@ -344,7 +347,9 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
     # A resumed run draws from a new seed (the killed run's random state is gone).
     sampler = CropSampler(train, patch, class_weights(cfg, plan.labelmap), cfg.training.crop_background_weight,
                           seed=cfg.training.seed + rank + 1000 * (start - 1), order=cfg.training.crop_order,
-                          augment=cfg.training.augment)
+                          augment=cfg.training.augment,
+                          synthesizer=LesionSynthesizer.build(cfg.training.lesion_synthesis, preset.spacing_mm,
+                                                              plan.labelmap, cfg.preprocessing))
     ce_weight = ce_class_weights(train, plan.labelmap.num_classes + 1, cfg.training.ce_weight_cap).to(device)
     optim = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate, weight_decay=cfg.training.weight_decay)
     iters = opts.iterations_per_epoch or max(1, math.ceil(len(plan.train) / opts.batch_size))
@@ -387,7 +392,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
                 stats.update(engine.timing.stats())
                 if lead and time.time() - t_written > _STATS_EVERY_S:
                     stats.update(epoch=epoch - 1, progress=round(n_iter / total_iters, 4),
-                                 loss=round(float(loss_sum) / (i + 1), 4))
+                                 loss=round(float(loss_sum) / (i + 1), 4), synthetic_lesions=sampler.painted)
                     write()
                     t_written = time.time()
                     logger.info(f"epoch {epoch}/{opts.max_epochs}: step {i + 1}/{iters}, loss {stats['loss']}")
@@ -395,7 +400,7 @@ def fit(plan: FitPlan, rank: int = 0, world: int = 1) -> dict[str, Any]:
             stats.update(epoch=epoch, progress=round(n_iter / total_iters, 4), loss=round(float(loss_sum) / iters, 4),
                          epoch_time_s=round(time.time() - t_epoch, 3),
                          iterations_per_s=round(n_iter / max(1e-9, time.time() - t_train), 3),
-                         iterations=n_iter, loop_s=round(loop_s, 3))
+                         iterations=n_iter, loop_s=round(loop_s, 3), synthetic_lesions=sampler.painted)
             if lead:
                 t_val = time.time()
                 if val and (epoch % opts.val_every == 0 or epoch == opts.max_epochs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from scipy import ndimage
 
 from lib.core.config_errors import ConfigError
 from lib.core.labelmap import load_labelmap
@@ -47,15 +48,9 @@ def test_a_lesion_is_painted_inside_the_gland_darker_by_the_drawn_contrast() -> 
         assert not (lesion & ~gland_or_rim).any()  # in the gland, or one voxel past it
         drop = np.interp(before, synth.units, synth.hu) - np.interp(image, synth.units, synth.hu)
         assert 20.0 <= drop[lesion].mean() <= 40.5  # labelled voxels keep at least half the contrast
-        far = ~ndilate(lesion, 4)
+        far = ~ndimage.binary_dilation(lesion, iterations=4)
         assert not drop[far].any()  # nothing changes away from the lesion
         assert set(np.unique(label)) == {HEAD, LIVER, LESION}
-
-
-def ndilate(mask: np.ndarray, n: int) -> np.ndarray:
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(mask, iterations=n)
 
 
 def test_volumes_follow_the_configured_range() -> None:
@@ -112,6 +107,8 @@ def test_bad_settings_are_refused_naming_the_key() -> None:
         TrainingConfig(lesion_synthesis={"volume_mm3": [0, 100]})
     with pytest.raises(ValidationError, match="probability"):
         TrainingConfig(lesion_synthesis={"probability": 2})
+    with pytest.raises(ValidationError, match="irregularity"):  # the painting box holds 1.4 radii
+        TrainingConfig(lesion_synthesis={"irregularity": 0.5})
     pre = load_segmentation_config().preprocessing
     with pytest.raises(ConfigError, match="host_classes: unknown label name 'pancreaz'"):
         LesionSynthesizer.build(LesionSynthesisConfig(probability=0.5, host_classes=("pancreaz",)), (2, 2, 2), LM, pre)

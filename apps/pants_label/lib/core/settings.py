@@ -126,6 +126,11 @@ class AugmentConfig(FrozenConfig):
     scale: float = Field(0.15, ge=0.0, lt=0.5)  # size factor drawn from [1 - scale, 1 + scale]
 
 
+#: largest boundary wobble of a synthetic lesion, share of its radius; the painting box
+#: (lib/model/lesion_synthesis.py) reaches 1 + this many radii, so the wobble is never cut flat
+MAX_IRREGULARITY = 0.4
+
+
 class LesionSynthesisConfig(FrozenConfig):
     """``training.lesion_synthesis``: synthetic lesions painted into training crops of lesion-free
     gland (lib/model/lesion_synthesis.py)."""
@@ -135,7 +140,7 @@ class LesionSynthesisConfig(FrozenConfig):
                                      "pancreatic_duct")
     contrast_hu: tuple[float, float] = (5.0, 60.0)  # how much darker than the gland, HU, drawn uniformly
     volume_mm3: tuple[float, float] = (500.0, 30000.0)  # drawn log-uniformly
-    irregularity: float = Field(0.25, ge=0.0, lt=1.0)  # boundary wobble, share of the radius
+    irregularity: float = Field(0.25, ge=0.0, le=MAX_IRREGULARITY)  # boundary wobble, share of the radius
     edge_blur_voxels: float = Field(0.7, ge=0.0, le=5.0)  # soft edge of the intensity change
     min_host_voxels: int = Field(50, ge=1)  # a crop with less gland than this is left alone
     min_lesion_voxels: int = Field(8, ge=1)  # a lesion smaller than this (clipped by the gland) is dropped

@@ -22,10 +22,8 @@ from scipy import ndimage
 
 from lib.core.config_errors import ConfigError
 from lib.core.labelmap import LabelMap
-from lib.core.settings import LesionSynthesisConfig, Preprocessing
-
-#: pancreatic_lesion; the host classes may not include it
-LESION = "pancreatic_lesion"
+from lib.core.settings import MAX_IRREGULARITY, LesionSynthesisConfig, Preprocessing
+from lib.model.metrics import LESION_CLASS
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,9 @@ class LesionSynthesizer:
             hosts = tuple(lm.id_of(n) for n in cfg.host_classes)
         except KeyError as err:
             raise ConfigError(f"training.lesion_synthesis.host_classes: {err.args[0]}") from None
-        lesion_id = lm.id_of(LESION)
+        lesion_id = lm.id_of(LESION_CLASS)
         if lesion_id in hosts:
-            raise ConfigError(f"training.lesion_synthesis.host_classes: {LESION} cannot host a synthetic lesion")
+            raise ConfigError(f"training.lesion_synthesis.host_classes: {LESION_CLASS} cannot host a synthetic lesion")
         hu, units = preprocessing.hu_knots()
         return cls(cfg, tuple(float(s) for s in spacing_mm), lesion_id, hosts,  # type: ignore[arg-type]
                    np.asarray(hu, np.float64), np.asarray(units, np.float64))
@@ -80,7 +78,8 @@ class LesionSynthesizer:
         roughness = rng.standard_normal(3 * (9,))  # low-frequency boundary wobble, resized below
 
         sp = np.asarray(self.spacing_mm)
-        reach = np.ceil(1.4 * radii.max() / sp).astype(int) + 2  # the wobble may push past the radius
+        # the wobble pushes the boundary out to (1 + irregularity) radii at most
+        reach = np.ceil((1.0 + MAX_IRREGULARITY) * radii.max() / sp).astype(int) + 2
         lo = np.maximum(centre - reach, 0)
         hi = np.minimum(centre + reach + 1, label.shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

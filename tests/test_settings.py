@@ -47,6 +47,7 @@ def test_monailabel_own_keys_pass() -> None:
     (("second_stage", "margin_mm"), -1, r"second_stage\.margin_mm"),
     (("cpu_bf16", "infer"), "yes", r"cpu_bf16\.infer"),
     (("training", "crop_order"), "lesion_first", r"training\.crop_order"),
+    (("training", "crop_class_weights", "pancreatic_lesion"), -4, r"training\.crop_class_weights\.pancreatic_lesion"),
 ])
 def test_bad_preset_values_name_the_key(keys: tuple[str, ...], value: object, pattern: str) -> None:
     data = load_segmentation_config().model_dump()

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lib.core.config_types import FrozenConfig
+from lib.core.config_types import FrozenConfig, NonNegativeWeights
 from lib.core.config_errors import ConfigError, load_yaml_model, validate_model
 from lib.core.labelmap import REPO_ROOT
 
@@ -169,7 +169,7 @@ class TrainingConfig(FrozenConfig):
     iterations_per_epoch: int = Field(0, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
-    crop_class_weights: dict[str, float] = {}
+    crop_class_weights: NonNegativeWeights = {}
     crop_background_weight: float = Field(1.0, ge=0)
     # scan_first: scan, then class in it; class_first: class, then a scan holding it (lib/model/training.py)
     crop_order: Literal["scan_first", "class_first"] = "scan_first"

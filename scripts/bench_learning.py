@@ -46,6 +46,7 @@ from lib.core.labelmap import LabelMap, load_labelmap
 from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice
 from lib.model.model_store import model_path, publish, read_json, write_json_atomic
 from pants_tools.phantom import write_pants_tree
+from pants_tools.training_options import with_option
 from lib.model.segmenter import Segmenter
 from lib.core.settings import SegmentationConfig, load_segmentation_config
 from lib.trainers.segmentation import PanTSTrain
@@ -112,22 +113,22 @@ def make_data(args: argparse.Namespace) -> Path:
 def recipe(cfg: SegmentationConfig, lm: LabelMap, args: argparse.Namespace) -> tuple[SegmentationConfig, dict]:
     """The config to train with and the train request, from presets.yaml plus the options."""
     t = cfg.training
-    upd: dict[str, Any] = {}
     if args.seed is not None:
-        upd["seed"] = args.seed
+        t = with_option(t, f"--seed {args.seed}", {"seed": args.seed})
     if args.lesion_weight is not None:
-        upd["crop_class_weights"] = {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}
+        t = with_option(t, f"--lesion-weight {args.lesion_weight:g}",
+                        {"crop_class_weights": {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}})
     if args.dice_over:
-        upd["dice_over"] = args.dice_over
+        t = with_option(t, f"--dice-over {args.dice_over}", {"dice_over": args.dice_over})
     if args.augment is not None:
-        upd["augment"] = t.augment.model_copy(update={"probability": args.augment})
+        t = with_option(t, f"--augment {args.augment:g}", {"augment": {"probability": args.augment}})
     if args.synth_lesions is not None:
-        upd["lesion_synthesis"] = t.lesion_synthesis.model_copy(update={"probability": args.synth_lesions})
-    if args.patch:  # on every device
-        upd["patch_size"] = tuple(args.patch)
-        upd["cpu"] = t.cpu.model_copy(update={"patch_size": tuple(args.patch)})
-    training = t.model_copy(update=upd)
-    cfg = cfg.model_copy(update={"training": training})
+        t = with_option(t, f"--synth-lesions {args.synth_lesions:g}",
+                        {"lesion_synthesis": {"probability": args.synth_lesions}})
+    if args.patch:  # on every device: the CPU overrides would otherwise replace it
+        patch = tuple(args.patch)
+        t = with_option(t, f"--patch {' '.join(map(str, patch))}", {"patch_size": patch, "cpu": {"patch_size": patch}})
+    cfg = cfg.model_copy(update={"training": t})
     request: dict[str, Any] = {"from_scratch": True, "trigger": "scripts/bench_learning.py"}
     if args.steps:
         request["max_epochs"] = args.evals

@@ -118,42 +118,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _specs(args: argparse.Namespace) -> list:
     from pants_tools.al_campaign import CampaignSpec
+    from pants_tools.training_options import with_option
     from lib.core.al_config import load_al_config
     from lib.core.settings import load_segmentation_config
     from lib.model.metrics import LESION_CLASS
 
     al = load_al_config()
     # Phantoms are small: localize at the model's own spacing (exact, and cheap at this size).
-    al = al.model_copy(update={"scoring": al.scoring.model_copy(update={"localize_spacing_mm": None,
-                                                                         "mc_samples": args.mc_samples}),
-                               # one simulated round = one batch: clasp's noise decays once per round
-                               "strategies": al.strategies.model_copy(update={"clasp_labels_per_round": args.batch})})
+    al = with_option(al, f"--mc-samples {args.mc_samples}",
+                     {"scoring": {"localize_spacing_mm": None, "mc_samples": args.mc_samples}}, prefix="")
+    # one simulated round = one batch: clasp's noise decays once per round
+    al = with_option(al, f"--batch {args.batch}", {"strategies": {"clasp_labels_per_round": args.batch}}, prefix="")
     request = {"max_epochs": args.epochs, "iterations_per_epoch": args.iterations, "learning_rate": args.lr,
                "batch_size": 2, "val_every": args.epochs}
     seg_cfg = load_segmentation_config()
     if args.init_filters:
-        seg_cfg = seg_cfg.model_copy(update={"network": seg_cfg.network.model_copy(update={"init_filters": args.init_filters})})
-    recipe = {k: v for k, v in (("crop_order", args.crop_order), ("dice_over", args.dice_over)) if v}
+        network = with_option(seg_cfg.network, f"--init-filters {args.init_filters}",
+                              {"init_filters": args.init_filters}, prefix="network")
+        seg_cfg = seg_cfg.model_copy(update={"network": network})
+    # the campaigns' recipe; the start model keeps the shipped one (_start_cfg)
+    t = seg_cfg.training
+    if args.crop_order:
+        t = with_option(t, f"--crop-order {args.crop_order}", {"crop_order": args.crop_order})
+    if args.dice_over:
+        t = with_option(t, f"--dice-over {args.dice_over}", {"dice_over": args.dice_over})
     if args.lesion_weight is not None:
-        if args.lesion_weight <= 0:
+        if args.lesion_weight <= 0:  # 0 is a valid config (never centre a lesion), not a useful campaign
             raise SystemExit(f"--lesion-weight {args.lesion_weight}: must be > 0")
-        recipe["crop_class_weights"] = {**seg_cfg.training.crop_class_weights, LESION_CLASS: args.lesion_weight}
+        t = with_option(t, f"--lesion-weight {args.lesion_weight:g}",
+                        {"crop_class_weights": {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}})
     if args.synth_lesions is not None:
-        if not 0 <= args.synth_lesions <= 1:
-            raise SystemExit(f"--synth-lesions {args.synth_lesions}: must be between 0 and 1")
-        recipe["lesion_synthesis"] = seg_cfg.training.lesion_synthesis.model_copy(
-            update={"probability": args.synth_lesions})
-    if recipe:
-        seg_cfg = seg_cfg.model_copy(update={"training": seg_cfg.training.model_copy(update=recipe)})
-    if args.patch:  # validated like presets.yaml (sides >= 16, multiples of 8)
-        try:
-            dump = seg_cfg.training.model_dump()
-            # the simulation's patch on every device: the CPU overrides would otherwise replace it
-            dump.update(patch_size=args.patch, cpu={**(dump.get("cpu") or {}), "patch_size": args.patch})
-            training = type(seg_cfg.training).model_validate(dump)
-        except ValueError as err:
-            raise SystemExit(f"--patch {' '.join(map(str, args.patch))}: {err.errors()[0]['msg']}") from None
-        seg_cfg = seg_cfg.model_copy(update={"training": training})
+        t = with_option(t, f"--synth-lesions {args.synth_lesions:g}",
+                        {"lesion_synthesis": {"probability": args.synth_lesions}})
+    if args.patch:  # on every device: the CPU overrides would otherwise replace it
+        t = with_option(t, f"--patch {' '.join(map(str, args.patch))}",
+                        {"patch_size": tuple(args.patch), "cpu": {"patch_size": tuple(args.patch)}})
+    seg_cfg = seg_cfg.model_copy(update={"training": t})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
                   device=args.device, val_scans=args.val_scans, serve_every_round=args.serve_every_round,

@@ -40,3 +40,31 @@ def test_train_lesions_out_of_range_is_refused(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(SystemExit, match="--train-lesions 7: must be between 0 and --n-train 6"):
         bench_learning.make_data(_args(tmp_path, "--train-lesions", "7"))
     assert not (tmp_path / "data").exists()
+
+
+def _recipe(tmp: Path, *extra: str):
+    from lib.core.labelmap import load_labelmap
+    from lib.core.settings import load_segmentation_config
+
+    return bench_learning.recipe(load_segmentation_config(), load_labelmap(), _args(tmp, *extra))
+
+
+def test_recipe_options_reach_the_training_config(tmp_path: Path) -> None:
+    cfg, request = _recipe(tmp_path, "--synth-lesions", "0.5", "--augment", "0.25", "--lesion-weight", "16",
+                           "--patch", "48", "48", "32", "--steps", "100", "--evals", "4")
+    t = cfg.training
+    assert t.lesion_synthesis.probability == 0.5 and t.lesion_synthesis.contrast_hu == (5.0, 60.0)  # rest kept
+    assert t.augment.probability == 0.25 and t.crop_class_weights["pancreatic_lesion"] == 16
+    assert t.for_device("cpu").patch_size == t.for_device("cuda").patch_size == (48, 48, 32)
+    assert request["max_epochs"] == 4 and request["iterations_per_epoch"] == 25
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--synth-lesions", "1.5"], r"--synth-lesions 1.5: .*less than or equal to 1 \(training.lesion_synthesis.probability\)"),
+    (["--augment", "-0.1"], r"--augment -0.1: .*greater than or equal to 0 \(training.augment.probability\)"),
+    (["--lesion-weight", "-2"], r"--lesion-weight -2: .*\(training.crop_class_weights.pancreatic_lesion\)"),
+    (["--patch", "48", "48", "20"], r"--patch 48 48 20: .*multiple of 8 .* \(training.patch_size\)"),
+])
+def test_bad_recipe_options_are_refused_naming_the_key(tmp_path: Path, option: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        _recipe(tmp_path, *option)

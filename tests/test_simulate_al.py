@@ -47,10 +47,16 @@ def test_campaign_rows_plot_and_resume(tmp_path: Path) -> None:
     assert len(again) == 2 and again[0] == _rows(out / "al_rounds.csv")[0]
 
 
-def test_bad_patch_is_refused_before_any_work(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option, message", [
+    (["--patch", "8", "8", "12"], r"--patch 8 8 12: .*multiple of 8 .*\(training.patch_size\)"),
+    (["--mc-samples", "0"], r"--mc-samples 0: .*greater than or equal to 1 \(scoring.mc_samples\)"),
+    (["--batch", "0"], r"--batch 0: .*greater than or equal to 1 \(strategies.clasp_labels_per_round\)"),
+    (["--init-filters", "2"], r"--init-filters 2: .*greater than or equal to 4 \(network.init_filters\)"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path: Path, option: list[str], message: str) -> None:
     out = tmp_path / "sim"
-    with pytest.raises(SystemExit, match="--patch 8 8 12: .*multiple of 8"):
-        simulate_al.main(["--out", str(out), *ARGS, "--patch", "8", "8", "12"])
+    with pytest.raises(SystemExit, match=message):
+        simulate_al.main(["--out", str(out), *ARGS, *option])
     assert not out.exists()
 
 
@@ -331,7 +337,7 @@ def test_lesion_synthesis_reaches_the_campaigns_and_not_the_start_model(tmp_path
     # off, it is not recorded: start models recorded before it existed still fit; on, it is
     assert "lesion_synthesis" not in recorded_training(start)
     assert recorded_training(specs[0].seg_cfg.training)["lesion_synthesis"]["probability"] == 0.5
-    with pytest.raises(SystemExit, match="--synth-lesions 1.5: must be between 0 and 1"):
+    with pytest.raises(SystemExit, match=r"--synth-lesions 1.5: .*less than or equal to 1 \(training.lesion_synthesis.probability\)"):
         simulate_al.main(["--out", str(tmp_path / "bad"), *ARGS, "--synth-lesions", "1.5"])
     assert not (tmp_path / "bad").exists()
 

@@ -1,0 +1,39 @@
+"""Command-line options that override a config value, validated as presets.yaml is.
+
+``model_copy(update=...)`` skips pydantic's checks, so a bench or simulation option applied that way
+would train with a value the server refuses at start. Each option goes through here instead and a
+bad value stops the command with the option and the config key it sets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if nested else value
+    return out
+
+
+def with_option(config: M, option: str, changes: dict[str, Any], prefix: str = "training") -> M:
+    """``config`` with ``changes`` (nested dicts merged key by key) validated again.
+
+    ``option`` is the option as typed (``"--synth-lesions 1.5"``); ``prefix`` names ``config``'s
+    place in its file for the message (``""`` for a whole file's model).
+    """
+    try:
+        return type(config).model_validate(_merged(config.model_dump(), changes))
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join([*([prefix] if prefix else []), *map(str, e["loc"])])
+        raise SystemExit(f"{option}: {e['msg']} ({key})") from None
+
+
+__all__ = ["with_option"]

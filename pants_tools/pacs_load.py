@@ -10,12 +10,14 @@ Its masks, consolidated by the label map's overlap priority, become one SEG with
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 from dicomweb_client import DICOMwebClient
 
 from lib.imaging.dicom_seg import label_to_seg
@@ -26,6 +28,7 @@ from lib.datastore.label_upload import as_integer
 from lib.core.errors import ClientError
 from lib.core.labelmap import LabelMap, load_labelmap
 from lib.imaging.metadata import CaseMeta, find_metadata, read_metadata
+from lib.imaging.volume_decode import check_image_header, read_header
 
 #: slices per STOW-RS request (a 512x512 int16 slice is 0.5 MB)
 STOW_BATCH = 64
@@ -46,6 +49,23 @@ class Loaded:
     series_uid: str
     seg_uid: str | None
     slices: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A case whose files could not be loaded; nothing of it was stored."""
+
+    case_id: str
+    reason: str
+
+
+class CaseError(ValueError):
+    """A case's own files are unreadable or do not fit (the message names the case). Other cases
+    can still load, unlike a server or network failure."""
+
+
+#: what reading a broken NIfTI (or a label that does not fit) raises
+_FILE_ERRORS = (ValueError, OSError, EOFError, zlib.error, ImageFileError, ClientError)
 
 
 def find_cases(root: str | os.PathLike, case_ids: Sequence[str] | None = None) -> list[Case]:
@@ -129,13 +149,36 @@ def case_label(case: Case, shape: tuple[int, ...], lm: LabelMap) -> np.ndarray |
         raise ValueError(f"{case.case_id}: {err}") from None
 
 
+def _read_case(case: Case, with_labels: bool, lm: LabelMap) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The CT (float32), its affine and (``with_labels``) its label map, all checked before anything
+    is stored: a bad label leaves the case out, not half-loaded as a CT that looks unlabelled.
+
+    Raises:
+        CaseError: an unreadable or oversized CT, or masks that do not fit it.
+    """
+    try:
+        # the header's size is checked before nibabel allocates what it claims
+        check_image_header(read_header(case.image), what=f"CT {case.image}")
+        img = nib.load(str(case.image))
+        volume = np.asarray(img.dataobj, dtype=np.float32)
+        if volume.ndim == 4 and volume.shape[3] == 1:
+            volume = volume[..., 0]
+        label = case_label(case, volume.shape, lm) if with_labels else None
+    except _FILE_ERRORS as err:
+        text = err.detail if isinstance(err, ClientError) else str(err) or type(err).__name__
+        text = " ".join(text.split())  # one line per skipped case in the loader's report
+        raise CaseError(text if text.startswith(case.case_id) else f"{case.case_id}: {text}") from None
+    return volume, img.affine, label
+
+
 def load_case(client: DICOMwebClient, case: Case, *, with_labels: bool = True, lm: LabelMap | None = None) -> Loaded:
-    """Store one case in the server: its CT series and (``with_labels``) its masks as a SEG."""
+    """Store one case in the server: its CT series and (``with_labels``) its masks as a SEG.
+
+    Raises:
+        CaseError: the case's files (nothing was stored). Server and network errors pass through.
+    """
     lm = lm or load_labelmap()
-    img = nib.load(str(case.image))
-    volume = np.asarray(img.dataobj, dtype=np.float32)
-    if volume.ndim == 4 and volume.shape[3] == 1:
-        volume = volume[..., 0]
+    volume, affine, label = _read_case(case, with_labels, lm)
     m = case.meta
     study = CTStudy(
         patient_id=case.case_id,
@@ -146,17 +189,14 @@ def load_case(client: DICOMwebClient, case: Case, *, with_labels: bool = True, l
         age_years=m.age if m else None,
         sex=m.sex if m else None,
     )
-    # Masks are read and checked before anything is stored: a bad label leaves the case out, not
-    # half-loaded as a CT that looks unlabelled.
-    label = case_label(case, volume.shape, lm) if with_labels else None
-    datasets = ct_series(volume, img.affine, study)
+    datasets = ct_series(volume, affine, study)
     for s in range(0, len(datasets), STOW_BATCH):
         store(client, datasets[s : s + STOW_BATCH])
     seg_uid = None
     if label is not None:
         seg_uid = stable_uid(case.case_id, "pants-seg")
         seg = label_to_seg(
-            label, img.affine, series_geometry(datasets), lm=lm, series_uid=seg_uid,
+            label, affine, series_geometry(datasets), lm=lm, series_uid=seg_uid,
             sop_instance_uid=stable_uid(case.case_id, "pants-seg", "instance"), content_label="PANTS",
             description="PanTS masks", series_number=200,
         )
@@ -166,8 +206,9 @@ def load_case(client: DICOMwebClient, case: Case, *, with_labels: bool = True, l
 
 def load_cases(
     client: DICOMwebClient, cases: Sequence[Case], *, with_labels: bool = True, progress: bool = False
-) -> Iterator[Loaded]:
-    """:func:`load_case` for each case, with a progress bar if asked."""
+) -> Iterator[Loaded | Skipped]:
+    """:func:`load_case` for each case, with a progress bar if asked. A case whose files are bad is
+    yielded as :class:`Skipped` and the rest still load; a server or network error stops the run."""
     lm = load_labelmap()
     it: Sequence[Case] = cases
     if progress:
@@ -175,7 +216,10 @@ def load_cases(
 
         it = tqdm(cases, desc="loading", unit="case")
     for case in it:
-        yield load_case(client, case, with_labels=with_labels, lm=lm)
+        try:
+            yield load_case(client, case, with_labels=with_labels, lm=lm)
+        except CaseError as err:
+            yield Skipped(case.case_id, str(err))
 
 
-__all__ = ["Case", "Loaded", "find_cases", "case_label", "read_label_file", "load_case", "load_cases"]
+__all__ = ["Case", "Loaded", "Skipped", "CaseError", "find_cases", "case_label", "read_label_file", "load_case", "load_cases"]

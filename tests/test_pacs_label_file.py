@@ -61,3 +61,60 @@ def test_a_bad_label_stops_the_case_before_its_ct_is_stored(tmp_path: Path) -> N
     client = DICOMwebClient(f"http://127.0.0.1:{free_port()}/dicom-web")
     with pytest.raises(ValueError, match=r"case1: label .* holds values 40 to 40"):
         load_case(client, case)
+
+
+def _flat_root(tmp_path: Path) -> Path:
+    """good1, a truncated CT, a CT whose header claims 10^12 voxels, a label that does not fit, good2."""
+    root = tmp_path / "flat"
+    ct = np.zeros(SHAPE, dtype=np.int16)
+    ct[4:8, 3:7, 2:6] = 40
+    for good in ("good1", "good2"):
+        _write(root / f"{good}.nii.gz", ct)
+        _write(root / "labels" / "final" / f"{good}.nii.gz", _label())
+    whole = _write(root / "truncated.nii", ct).read_bytes()
+    (root / "truncated.nii").write_bytes(whole[: len(whole) - 200])
+    huge = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.int16), np.eye(4))
+    huge.header.set_data_shape((10_000, 10_000, 10_000))
+    (root / "huge.nii").write_bytes(huge.header.binaryblock + b"\0" * 4 + b"\0" * 16)
+    _write(root / "misfit.nii.gz", ct)
+    _write(root / "labels" / "final" / "misfit.nii.gz", np.zeros((3, 3, 3), dtype=np.uint8))
+    return root
+
+
+def test_bad_cases_are_skipped_with_the_reason_before_anything_is_stored(tmp_path: Path) -> None:
+    """No server listens: a case that reached storing would raise a connection error instead."""
+    from pants_tools.pacs_load import Skipped, load_cases
+
+    cases = find_cases(_flat_root(tmp_path), ["truncated", "huge", "misfit"])
+    client = DICOMwebClient(f"http://127.0.0.1:{free_port()}/dicom-web")
+    reasons = list(load_cases(client, cases))
+    assert all(isinstance(r, Skipped) for r in reasons)
+    assert [r.case_id for r in reasons] == ["truncated", "huge", "misfit"]
+    assert "truncated:" in reasons[0].reason
+    assert reasons[1].reason.startswith("huge: CT") and "too large" in reasons[1].reason
+    assert "misfit: label" in reasons[2].reason and "has shape (3, 3, 3)" in reasons[2].reason
+
+
+def test_the_loader_stores_the_good_cases_and_names_the_skipped_ones(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from orthanc import Orthanc, require_orthanc
+    from server import REPO
+
+    from lib.datastore.dicomweb import make_client
+    from lib.imaging.dicom_series import stable_uid
+
+    require_orthanc()
+    root = _flat_root(tmp_path)
+    orthanc = Orthanc(tmp_path / "orthanc", tmp_path / "orthanc.log")
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "load_pacs.py"), "--url", orthanc.dicomweb,
+                               "--root", str(root)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr
+        assert "loaded 2 case(s)" in proc.stdout and "2 SEG" in proc.stdout
+        assert "skipped 3 case(s)" in proc.stderr and "--cases huge misfit truncated" in proc.stderr
+        stored = {str(d["0020000E"]["Value"][0]) for d in make_client(orthanc.dicomweb).search_for_series()}
+        assert stored == {stable_uid(c, k) for c in ("good1", "good2") for k in ("ct", "pants-seg")}
+    finally:
+        orthanc.stop()

@@ -41,6 +41,7 @@ from lib.trainers.segmentation import PanTSTrain
 from lib.imaging.metadata import find_metadata, read_metadata
 from lib.imaging.volume_io import load_volume
 
+
 logger = logging.getLogger(__name__)
 
 LESION = "pancreatic_lesion"
@@ -48,6 +49,21 @@ FIELDS = [
     "strategy", "seed", "round", "labels", "mean_dsc", "whole_pancreas_dsc", "lesion_dsc", "lesion_auc",
     "lesion_scans_labelled", "published", "train_s", "score_s", "select_s", "selected",
 ]
+
+
+def finite_mean(values: Any) -> float:
+    """Mean of the finite values; NaN when there are none (a lesion DSC no seed has), silently:
+    ``np.nanmean`` warns "Mean of empty slice" on every such cell of a report."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else math.nan
+
+
+def finite_range(values: Any) -> tuple[float, float]:
+    """(min, max) of the finite values; (NaN, NaN) when there are none."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return (float(a.min()), float(a.max())) if a.size else (math.nan, math.nan)
 
 
 @dataclass(frozen=True)
@@ -111,7 +127,7 @@ def evaluate(ds: PanTSDatastore, seg: Segmenter, lm: LabelMap) -> dict[str, floa
         scores.append(lesion_score_from_label(pred, vol.spacing, lm))
         truths.append(positive)
     return {
-        "mean_dsc": float(np.nanmean(means)),
+        "mean_dsc": finite_mean(means),
         "whole_pancreas_dsc": float(np.mean(pancreas)),
         "lesion_dsc": float(np.mean(lesion)) if lesion else math.nan,
         "lesion_auc": auc_score(scores, truths),
@@ -269,7 +285,7 @@ def full_pool_by_seed(rows: list[dict[str, str]], metric: str) -> dict[str, floa
 def full_pool_reference(rows: list[dict[str, str]], metric: str) -> float:
     """The full-pool value: each seed's last "full" round (same schedule as the campaigns), averaged."""
     by_seed = full_pool_by_seed(rows, metric)
-    return float(np.nanmean(list(by_seed.values()))) if by_seed else math.nan
+    return finite_mean(list(by_seed.values()))
 
 
 #: the full-pool reference counts as flat when its test mean DSC gains less than this a round
@@ -363,7 +379,7 @@ def summarize(rows: list[dict[str, str]], metrics: tuple[str, ...] = ("mean_dsc"
             for r in mine:
                 by_labels.setdefault(int(r["labels"]), []).append(float(r[m]))
             labels = sorted(by_labels)
-            curve = [float(np.nanmean(by_labels[n])) for n in labels]
+            curve = [finite_mean(by_labels[n]) for n in labels]
             # a full-pool model that never segments it (lesion DSC 0) sets no target: every curve
             # would "reach" 0 at once
             target = 0.95 * ref if ref > 0 else math.nan
@@ -510,9 +526,8 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
         for s in strategies:
             by = _by(rows, s, "labels", m)
             x = sorted(by)
-            y = np.array([np.nanmean(by[n]) for n in x])
-            lo = np.array([np.nanmin(by[n]) if not np.all(np.isnan(by[n])) else np.nan for n in x])
-            hi = np.array([np.nanmax(by[n]) if not np.all(np.isnan(by[n])) else np.nan for n in x])
+            y = np.array([finite_mean(by[n]) for n in x])
+            lo, hi = (np.array(v) for v in zip(*(finite_range(by[n]) for n in x)))
             (line,) = ax.plot(x, y, marker="o", label=s)
             ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
         if has_full:
@@ -531,7 +546,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ...]
         for s in [*strategies, "full"]:
             by = _by(rows, s, "round", "mean_dsc")
             x = sorted(by)
-            ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", ls="--" if s == "full" else "-",
+            ax.plot(x, [finite_mean(by[k]) for k in x], marker="o", ls="--" if s == "full" else "-",
                     color="k" if s == "full" else None, label=s)
         ax.set_title("test DSC, mean over classes, by round")
         ax.set_xlabel("round (same training per round)")
@@ -573,8 +588,9 @@ def plot_by_round(rows: list[dict[str, str]], path: Path, metrics: tuple[str, ..
             by = _by(rows, strategy, "round", m)
             x = sorted(by)
             style = {"color": "k", "ls": "--"} if len(groups) == 1 else {}
-            (line,) = ax.plot(x, [np.nanmean(by[k]) for k in x], marker="o", label=label, **style)
-            ax.fill_between(x, [np.nanmin(by[k]) for k in x], [np.nanmax(by[k]) for k in x],
+            (line,) = ax.plot(x, [finite_mean(by[k]) for k in x], marker="o", label=label, **style)
+            lo, hi = zip(*(finite_range(by[k]) for k in x))
+            ax.fill_between(x, lo, hi,
                             color=line.get_color(), alpha=0.15)
         if start and m in start and math.isfinite(start[m]):
             ax.axhline(start[m], ls="-.", color="0.5", lw=1, label="start model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,26 @@ def test_gain_share_is_paired_by_seed_and_reaches_the_table() -> None:
     # a full pool that gained nothing sets no share
     (flat,) = summarize(rows, start={"mean_dsc": 0.60})
     assert flat["gain_share_mean_dsc"] == [] and "the full pool gained nothing" in markdown_table([flat], [0, 1])
+
+
+def test_reports_on_a_lesion_no_run_has_stay_quiet(tmp_path: Path) -> None:
+    """A test split with no lesion gives NaN lesion DSC everywhere: the table and plots say n/a
+    without a "Mean of empty slice" warning per cell."""
+    import warnings
+
+    from pants_tools.al_campaign import finite_mean, finite_range, markdown_table, plot_by_round, plot_curves, summarize
+
+    rows = [{"strategy": s, "seed": str(seed), "round": str(rnd), "labels": str(2 + 2 * rnd),
+             "mean_dsc": str(0.5 + 0.01 * rnd), "lesion_dsc": "nan", "lesion_auc": "nan", "lesion_scans_labelled": "0"}
+            for s in ("full", "random") for seed in (0, 1) for rnd in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = markdown_table(summarize(rows), [0, 1])
+        plot_curves(rows, tmp_path / "curves.png")
+        plot_by_round(rows, tmp_path / "by_round.png")
+    assert "| random |" in table and (tmp_path / "curves.png").stat().st_size > 1000
+    assert finite_mean([0.2, float("nan"), 0.4]) == pytest.approx(0.3) and math.isnan(finite_mean([float("nan")]))
+    assert finite_range([0.2, float("nan"), 0.4]) == (0.2, 0.4) and all(map(math.isnan, finite_range([])))
 
 
 COHORT_ARGS = ["--cohort", "--make-phantoms", "8", "--n-test", "2", "--test-lesions", "1", "--shape", "24", "24", "24",

@@ -41,7 +41,6 @@ from lib.trainers.segmentation import PanTSTrain
 from lib.imaging.metadata import find_metadata, read_metadata
 from lib.imaging.volume_io import load_volume
 
-
 logger = logging.getLogger(__name__)
 
 LESION = "pancreatic_lesion"

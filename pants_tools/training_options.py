@@ -7,6 +7,7 @@ bad value stops the command with the option and the config key it sets.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -36,4 +37,29 @@ def with_option(config: M, option: str, changes: dict[str, Any], prefix: str = "
         raise SystemExit(f"{option}: {e['msg']} ({key})") from None
 
 
-__all__ = ["with_option"]
+def with_recipe_options(training: M, args: argparse.Namespace) -> M:
+    """``training`` with the recipe options a command has and was given: ``--seed``,
+    ``--crop-order``, ``--dice-over``, ``--lesion-weight``, ``--augment``, ``--synth-lesions``,
+    ``--patch`` (on every device: the CPU overrides would otherwise replace it)."""
+    from lib.model.metrics import LESION_CLASS
+
+    t = training
+    if getattr(args, "seed", None) is not None:
+        t = with_option(t, f"--seed {args.seed}", {"seed": args.seed})
+    for name in ("crop_order", "dice_over"):
+        if getattr(args, name, None):
+            t = with_option(t, f"--{name.replace('_', '-')} {getattr(args, name)}", {name: getattr(args, name)})
+    if getattr(args, "lesion_weight", None) is not None:
+        t = with_option(t, f"--lesion-weight {args.lesion_weight:g}",
+                        {"crop_class_weights": {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}})
+    for name, key in (("augment", "augment"), ("synth_lesions", "lesion_synthesis")):
+        if getattr(args, name, None) is not None:
+            value = getattr(args, name)
+            t = with_option(t, f"--{name.replace('_', '-')} {value:g}", {key: {"probability": value}})
+    if getattr(args, "patch", None):
+        patch = tuple(args.patch)
+        t = with_option(t, f"--patch {' '.join(map(str, patch))}", {"patch_size": patch, "cpu": {"patch_size": patch}})
+    return t
+
+
+__all__ = ["with_option", "with_recipe_options"]

@@ -46,7 +46,7 @@ from lib.core.labelmap import LabelMap, load_labelmap
 from lib.model.metrics import LESION_CLASS, auc_score, lesion_score_from_label, mean_dice
 from lib.model.model_store import model_path, publish, read_json, write_json_atomic
 from pants_tools.phantom import write_pants_tree
-from pants_tools.training_options import with_option
+from pants_tools.training_options import with_recipe_options
 from lib.model.segmenter import Segmenter
 from lib.core.settings import SegmentationConfig, load_segmentation_config
 from lib.trainers.segmentation import PanTSTrain
@@ -112,23 +112,7 @@ def make_data(args: argparse.Namespace) -> Path:
 
 def recipe(cfg: SegmentationConfig, lm: LabelMap, args: argparse.Namespace) -> tuple[SegmentationConfig, dict]:
     """The config to train with and the train request, from presets.yaml plus the options."""
-    t = cfg.training
-    if args.seed is not None:
-        t = with_option(t, f"--seed {args.seed}", {"seed": args.seed})
-    if args.lesion_weight is not None:
-        t = with_option(t, f"--lesion-weight {args.lesion_weight:g}",
-                        {"crop_class_weights": {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}})
-    if args.dice_over:
-        t = with_option(t, f"--dice-over {args.dice_over}", {"dice_over": args.dice_over})
-    if args.augment is not None:
-        t = with_option(t, f"--augment {args.augment:g}", {"augment": {"probability": args.augment}})
-    if args.synth_lesions is not None:
-        t = with_option(t, f"--synth-lesions {args.synth_lesions:g}",
-                        {"lesion_synthesis": {"probability": args.synth_lesions}})
-    if args.patch:  # on every device: the CPU overrides would otherwise replace it
-        patch = tuple(args.patch)
-        t = with_option(t, f"--patch {' '.join(map(str, patch))}", {"patch_size": patch, "cpu": {"patch_size": patch}})
-    cfg = cfg.model_copy(update={"training": t})
+    cfg = cfg.model_copy(update={"training": with_recipe_options(cfg.training, args)})
     request: dict[str, Any] = {"from_scratch": True, "trigger": "scripts/bench_learning.py"}
     if args.steps:
         request["max_epochs"] = args.evals

@@ -118,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _specs(args: argparse.Namespace) -> list:
     from pants_tools.al_campaign import CampaignSpec
-    from pants_tools.training_options import with_option
+    from pants_tools.training_options import with_option, with_recipe_options
     from lib.core.al_config import load_al_config
     from lib.core.settings import load_segmentation_config
-    from lib.model.metrics import LESION_CLASS
 
     al = load_al_config()
     # Phantoms are small: localize at the model's own spacing (exact, and cheap at this size).
@@ -136,24 +135,11 @@ def _specs(args: argparse.Namespace) -> list:
         network = with_option(seg_cfg.network, f"--init-filters {args.init_filters}",
                               {"init_filters": args.init_filters}, prefix="network")
         seg_cfg = seg_cfg.model_copy(update={"network": network})
+    if args.lesion_weight is not None and args.lesion_weight <= 0:
+        # 0 is a valid config (never centre a lesion), not a useful campaign
+        raise SystemExit(f"--lesion-weight {args.lesion_weight}: must be > 0")
     # the campaigns' recipe; the start model keeps the shipped one (_start_cfg)
-    t = seg_cfg.training
-    if args.crop_order:
-        t = with_option(t, f"--crop-order {args.crop_order}", {"crop_order": args.crop_order})
-    if args.dice_over:
-        t = with_option(t, f"--dice-over {args.dice_over}", {"dice_over": args.dice_over})
-    if args.lesion_weight is not None:
-        if args.lesion_weight <= 0:  # 0 is a valid config (never centre a lesion), not a useful campaign
-            raise SystemExit(f"--lesion-weight {args.lesion_weight}: must be > 0")
-        t = with_option(t, f"--lesion-weight {args.lesion_weight:g}",
-                        {"crop_class_weights": {**t.crop_class_weights, LESION_CLASS: args.lesion_weight}})
-    if args.synth_lesions is not None:
-        t = with_option(t, f"--synth-lesions {args.synth_lesions:g}",
-                        {"lesion_synthesis": {"probability": args.synth_lesions}})
-    if args.patch:  # on every device: the CPU overrides would otherwise replace it
-        t = with_option(t, f"--patch {' '.join(map(str, args.patch))}",
-                        {"patch_size": tuple(args.patch), "cpu": {"patch_size": tuple(args.patch)}})
-    seg_cfg = seg_cfg.model_copy(update={"training": t})
+    seg_cfg = seg_cfg.model_copy(update={"training": with_recipe_options(seg_cfg.training, args)})
     common = dict(pool=args.pool, out=args.out, initial=args.initial, batch=args.batch, rounds=args.rounds,
                   preset=args.preset, seg_cfg=seg_cfg, al_cfg=al, train_request=request,
                   device=args.device, val_scans=args.val_scans, serve_every_round=args.serve_every_round,

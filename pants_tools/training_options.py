@@ -40,7 +40,7 @@ def with_option(config: M, option: str, changes: dict[str, Any], prefix: str = "
 def with_recipe_options(training: M, args: argparse.Namespace) -> M:
     """``training`` with the recipe options a command has and was given: ``--seed``,
     ``--crop-order``, ``--dice-over``, ``--lesion-weight``, ``--augment``, ``--synth-lesions``,
-    ``--patch`` (on every device: the CPU overrides would otherwise replace it)."""
+    ``--synth-contrast``, ``--patch`` (on every device: the CPU overrides would otherwise replace it)."""
     from lib.model.metrics import LESION_CLASS
 
     t = training
@@ -56,6 +56,9 @@ def with_recipe_options(training: M, args: argparse.Namespace) -> M:
         if getattr(args, name, None) is not None:
             value = getattr(args, name)
             t = with_option(t, f"--{name.replace('_', '-')} {value:g}", {key: {"probability": value}})
+    if getattr(args, "synth_contrast", None):
+        lo, hi = args.synth_contrast
+        t = with_option(t, f"--synth-contrast {lo:g} {hi:g}", {"lesion_synthesis": {"contrast_hu": (lo, hi)}})
     if getattr(args, "patch", None):
         patch = tuple(args.patch)
         t = with_option(t, f"--patch {' '.join(map(str, patch))}", {"patch_size": patch, "cpu": {"patch_size": patch}})

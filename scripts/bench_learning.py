@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-lesions", type=float, default=None, metavar="P",
                    help="share of lesion-free gland crops given a synthetic lesion (presets.yaml "
                         "training.lesion_synthesis)")
+    p.add_argument("--synth-contrast", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="how much darker than the gland a synthetic lesion is, HU, drawn uniformly "
+                        "(presets.yaml training.lesion_synthesis.contrast_hu)")
     p.add_argument("--seed", type=int, default=None, help="training seed (initial weights, crops)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--save-model", type=Path, default=None,

@@ -57,12 +57,15 @@ def test_recipe_options_reach_the_training_config(tmp_path: Path) -> None:
     assert t.augment.probability == 0.25 and t.crop_class_weights["pancreatic_lesion"] == 16
     assert t.for_device("cpu").patch_size == t.for_device("cuda").patch_size == (48, 48, 32)
     assert request["max_epochs"] == 4 and request["iterations_per_epoch"] == 25
+    painted = _recipe(tmp_path, "--synth-lesions", "0.5", "--synth-contrast", "15", "60")[0].training
+    assert painted.lesion_synthesis.contrast_hu == (15.0, 60.0) and painted.lesion_synthesis.probability == 0.5
 
 
 @pytest.mark.parametrize("option, message", [
     (["--synth-lesions", "1.5"], r"--synth-lesions 1.5: .*less than or equal to 1 \(training.lesion_synthesis.probability\)"),
     (["--augment", "-0.1"], r"--augment -0.1: .*greater than or equal to 0 \(training.augment.probability\)"),
     (["--lesion-weight", "-2"], r"--lesion-weight -2: .*\(training.crop_class_weights.pancreatic_lesion\)"),
+    (["--synth-contrast", "60", "15"], r"--synth-contrast 60 15: .*\(training.lesion_synthesis.contrast_hu\)"),
     (["--patch", "48", "48", "20"], r"--patch 48 48 20: .*multiple of 8 .* \(training.patch_size\)"),
 ])
 def test_bad_recipe_options_are_refused_naming_the_key(tmp_path: Path, option: list[str], message: str) -> None:

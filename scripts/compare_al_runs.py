@@ -7,7 +7,7 @@ read, finished or not). Writes into --out a CSV with every row it used (the run'
 and prints each run's last round and whether its reference flattened (simulate-al's rule). Use it to
 choose a training setting on the tuning seeds: the reference that gains more with the same steps.
 
-Example (README, "Fourth design"):
+Example (docs/active_learning_experiments.md, "Fourth design"):
   pants-label compare-al-runs --run "lr 3e-4=out/al_cohort_v3" --run "lr 1e-3=out/al_lr_probe" \\
       --seeds 0 --out docs/al_lr_seed0
 """

@@ -23,7 +23,7 @@ recorded in POOL/pool_spec.json and a rerun with other settings is refused.
 tumours) and starts every campaign from it, as a site starts from the app's shipped model
 (pants_tools/al_start_model.py); the PanTS-cohort comparison in README uses it.
 
-Example (the README's small-pool result; about 65 min on 2 CPU cores):
+Example (the small-pool run in docs/active_learning_experiments.md; about 65 min on 2 CPU cores):
   python scripts/simulate_al.py --out out/al_sim --make-phantoms 88 --n-test 24 --shape 40 40 32 \\
       --spacing 3 3 3 --init-filters 8 --patch 32 32 32 --epochs 2 --iterations 120 --lr 3e-3 \\
       --rounds 6 --initial 4 --batch 4 --strategies hybrid random random_fg --seeds 0 1 2 --jobs 2

@@ -1,7 +1,8 @@
 """Synthetic pancreatic lesions painted into training crops of lesion-free gland.
 
 A lesion is in about 11% of PanTS scans, so a site's first hundred labels hold about ten: the 2 mm
-stage memorises them and finds few in held-out scans (README "Why no model segments the lesion").
+stage memorises them and finds few in held-out scans (docs/active_learning_experiments.md, "Why no
+model segments the lesion").
 Tumour synthesis (Hu et al., CVPR 2023, "Label-free liver tumor segmentation"; Chen et al.,
 CVPR 2024, "Towards generalizable tumor synthesis") gives the network as many distinct lesions as
 it has steps: a crop holding gland and no lesion gets an irregular ellipsoid inside the gland,

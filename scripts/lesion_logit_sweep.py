@@ -6,8 +6,9 @@ surroundings (it is underfit: more training, or a lesion prior, would show them)
 has not learnt where lesions are). Each scan's logits are computed once; then the lesion logit is
 raised by each ``--bias`` (in log-odds: +2 multiplies the lesion's odds by e^2, about 7.4) and the
 argmax taken again. Printed per bias: mean lesion DSC over tumour scans, mean predicted lesion mL
-on tumour scans and on clean scans, and how many scans of each kind get any lesion voxel; then the
-highest lesion probability in a scan, for each kind. A model
+on tumour scans and on clean scans, how many scans of each kind get any lesion voxel, and how many
+separate blobs the drawn lesion is in (a scatter of small false blobs, or a few large ones); then
+the highest lesion probability in a scan, for each kind. A model
 that has learnt the lesion but is too shy gains DSC at a small bias with little drawn on clean
 scans; one that has not draws as much on clean scans as on tumour scans.
 
@@ -53,6 +54,7 @@ class ScanResult:
     truth_ml: float
     pred_ml: tuple[float, ...]  # per bias
     dsc: tuple[float, ...]  # per bias; NaN on clean scans
+    pieces: tuple[int, ...]  # per bias: separate lesion blobs drawn (26-connected)
     max_prob: float  # the highest lesion probability anywhere in the scan (network grid, no raise)
 
 
@@ -72,6 +74,8 @@ def lesion_logit_maps(seg: Segmenter, vol: Volume, lesion_id: int,
 
 def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases: list[float],
                margin: float | None) -> ScanResult:
+    from scipy import ndimage
+
     lid = lm.id_of(LESION_CLASS)
     vol = load_volume(image)
     if not any(seg_dir.glob("*.nii.gz")):
@@ -84,13 +88,14 @@ def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases:
         vol, truth = crop(vol, box), truth[box]
     t = truth == lid
     ml = float(np.prod(vol.spacing)) / 1000.0
-    preds, dscs = [], []
+    preds, dscs, pieces = [], [], []
     labels, top = lesion_logit_maps(seg, vol, lid, biases)
     for label in labels:
         p = label == lid
         preds.append(float(p.sum()) * ml)
+        pieces.append(int(ndimage.label(p, structure=np.ones((3, 3, 3), bool))[1]))
         dscs.append(2.0 * float((p & t).sum()) / float(p.sum() + t.sum()) if t.any() else float("nan"))
-    return ScanResult(image.parent.name, bool(t.any()), float(t.sum()) * ml, tuple(preds), tuple(dscs), top)
+    return ScanResult(image.parent.name, bool(t.any()), float(t.sum()) * ml, tuple(preds), tuple(dscs), tuple(pieces), top)
 
 
 def table(results: list[ScanResult], biases: list[float]) -> str:
@@ -100,13 +105,18 @@ def table(results: list[ScanResult], biases: list[float]) -> str:
     def mean(xs: list[float]) -> str:
         return f"{np.mean(xs):.3f}" if xs else "-"
 
+    def pieces(xs: list[int]) -> str:
+        return f"{np.mean(xs):.1f}" if xs else "-"
+
     lines = [f"| lesion logit + | lesion DSC, tumour scans ({len(pos)}) | lesion mL per tumour scan "
-             f"| lesion mL per clean scan ({len(neg)}) | tumour scans with any lesion | clean scans with any lesion |",
-             "|---|---|---|---|---|---|"]
+             f"| lesion mL per clean scan ({len(neg)}) | tumour scans with any lesion | clean scans with any lesion "
+             "| lesion pieces per tumour / clean scan |",
+             "|---|---|---|---|---|---|---|"]
     for i, b in enumerate(biases):
         lines.append(f"| {b:g} | {mean([r.dsc[i] for r in pos])} | {mean([r.pred_ml[i] for r in pos])} "
                      f"| {mean([r.pred_ml[i] for r in neg])} | {sum(r.pred_ml[i] > 0 for r in pos)}/{len(pos)} "
-                     f"| {sum(r.pred_ml[i] > 0 for r in neg)}/{len(neg)} |")
+                     f"| {sum(r.pred_ml[i] > 0 for r in neg)}/{len(neg)} "
+                     f"| {pieces([r.pieces[i] for r in pos])} / {pieces([r.pieces[i] for r in neg])} |")
 
     def spread(rs: list[ScanResult]) -> str:
         tops = [r.max_prob for r in rs]
@@ -153,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["case", "tumour", "truth_ml", "max_lesion_prob", "bias", "pred_ml", "dsc"])
+            w.writerow(["case", "tumour", "truth_ml", "max_lesion_prob", "bias", "pred_ml", "dsc", "pieces"])
             for r in results:
                 for i, b in enumerate(args.biases):
                     w.writerow([r.case, r.tumour, round(r.truth_ml, 3), round(r.max_prob, 4), b, round(r.pred_ml[i], 3),
-                                "" if np.isnan(r.dsc[i]) else round(r.dsc[i], 4)])
+                                "" if np.isnan(r.dsc[i]) else round(r.dsc[i], 4), r.pieces[i]])
     return 0
 
 

@@ -43,8 +43,8 @@ def test_sweep_table_and_rows(pool: tuple[Path, Path], tmp_path: Path, capsys: p
     assert "highest lesion probability in a scan, median (range): tumour scans 0." in printed
     lines = [ln for ln in printed.splitlines() if ln.startswith("|")]
     assert lines[0].startswith("| lesion logit + | lesion DSC, tumour scans (2) |") and len(lines) == 5
-    assert lines[2].startswith("| -40 | 0.000 | 0.000 | 0.000 | 0/2 | 0/2 |")  # pushed down: drawn nowhere
-    assert lines[4].split(" | ")[-2:] == ["2/2", "2/2 |"]  # pushed up: drawn in every scan
+    assert lines[2] == "| -40 | 0.000 | 0.000 | 0.000 | 0/2 | 0/2 | 0.0 / 0.0 |"  # pushed down: drawn nowhere
+    assert lines[4].split(" | ")[4:6] == ["2/2", "2/2"]  # pushed up: drawn in every scan
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 * 3
@@ -53,6 +53,7 @@ def test_sweep_table_and_rows(pool: tuple[Path, Path], tmp_path: Path, capsys: p
         by_case.setdefault(r["case"], []).append(float(r["pred_ml"]))
         assert (r["dsc"] == "") == (r["tumour"] == "False")  # DSC only where there is a lesion
         assert 0 < float(r["max_lesion_prob"]) < 1
+        assert (int(r["pieces"]) == 0) == (float(r["pred_ml"]) == 0)  # a blob wherever lesion is drawn
     for drawn in by_case.values():  # a larger raise never draws less lesion
         assert drawn == sorted(drawn)
     hit = [r for r in rows if r["tumour"] == "True" and r["bias"] == "40.0"]

@@ -95,7 +95,8 @@ def sweep_scan(seg: Segmenter, lm: LabelMap, image: Path, seg_dir: Path, biases:
         preds.append(float(p.sum()) * ml)
         pieces.append(int(ndimage.label(p, structure=np.ones((3, 3, 3), bool))[1]))
         dscs.append(2.0 * float((p & t).sum()) / float(p.sum() + t.sum()) if t.any() else float("nan"))
-    return ScanResult(image.parent.name, bool(t.any()), float(t.sum()) * ml, tuple(preds), tuple(dscs), tuple(pieces), top)
+    return ScanResult(image.parent.name, bool(t.any()), float(t.sum()) * ml, tuple(preds), tuple(dscs),
+                      tuple(pieces), top)
 
 
 def table(results: list[ScanResult], biases: list[float]) -> str:

@@ -3,7 +3,8 @@
 A lesion is seen in few scans (11% of PanTS); without augmentation the 2 mm stage fits the
 training lesions and finds almost none in held-out scans (docs/active_learning_experiments.md,
 "Why no model segments the lesion"). Rotation about the body's long axis and a size change keep
-every label's meaning (left stays left: no mirroring, which would swap head and tail, left and right organs).
+every label's meaning (left stays left: no mirroring, which would swap head and tail, left and
+right organs).
 """
 
 from __future__ import annotations

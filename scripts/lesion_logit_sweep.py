@@ -103,11 +103,8 @@ def table(results: list[ScanResult], biases: list[float]) -> str:
     pos = [r for r in results if r.tumour]
     neg = [r for r in results if not r.tumour]
 
-    def mean(xs: list[float]) -> str:
-        return f"{np.mean(xs):.3f}" if xs else "-"
-
-    def pieces(xs: list[int]) -> str:
-        return f"{np.mean(xs):.1f}" if xs else "-"
+    def mean(xs: list[float], digits: int = 3) -> str:
+        return f"{np.mean(xs):.{digits}f}" if xs else "-"
 
     lines = [f"| lesion logit + | lesion DSC, tumour scans ({len(pos)}) | lesion mL per tumour scan "
              f"| lesion mL per clean scan ({len(neg)}) | tumour scans with any lesion | clean scans with any lesion "
@@ -117,7 +114,7 @@ def table(results: list[ScanResult], biases: list[float]) -> str:
         lines.append(f"| {b:g} | {mean([r.dsc[i] for r in pos])} | {mean([r.pred_ml[i] for r in pos])} "
                      f"| {mean([r.pred_ml[i] for r in neg])} | {sum(r.pred_ml[i] > 0 for r in pos)}/{len(pos)} "
                      f"| {sum(r.pred_ml[i] > 0 for r in neg)}/{len(neg)} "
-                     f"| {pieces([r.pieces[i] for r in pos])} / {pieces([r.pieces[i] for r in neg])} |")
+                     f"| {mean([r.pieces[i] for r in pos], 1)} / {mean([r.pieces[i] for r in neg], 1)} |")
 
     def spread(rs: list[ScanResult]) -> str:
         tops = [r.max_prob for r in rs]
